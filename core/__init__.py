@@ -1,0 +1,1 @@
+"""The contract every itsd part shares: jobs, results, settings, errors, manifests, image rules."""

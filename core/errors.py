@@ -1,0 +1,72 @@
+"""One error root with short branches. The branch decides what a worker does: retry or give up.
+
+`PermanentError`: the same job would fail again (bad image, bad parameters, a model that is not one).
+`TransientError`: the job may succeed later or elsewhere (out of memory, provider fault, storage timeout).
+Each class carries a short `code` that results and logs use instead of Python class paths.
+"""
+
+from __future__ import annotations
+
+
+class ItsdError(Exception):
+    code = "error"
+    retryable = False
+
+
+class PermanentError(ItsdError):
+    code = "permanent"
+
+
+class TransientError(ItsdError):
+    code = "transient"
+    retryable = True
+
+
+class InvalidImage(PermanentError):
+    """The bytes are not a decodable image."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(PermanentError):
+    code = "image_too_large"
+
+
+class InvalidParameters(PermanentError):
+    code = "invalid_parameters"
+
+
+class InputNotFound(PermanentError):
+    code = "input_not_found"
+
+
+class InvalidModel(PermanentError):
+    """A checkpoint or artifact folder that is missing, incomplete or of the wrong kind."""
+
+    code = "invalid_model"
+
+
+class ExportFailed(PermanentError):
+    code = "export_failed"
+
+
+class ParityError(ExportFailed):
+    """An export whose outputs differ from the PyTorch pipeline by more than its tolerance."""
+
+    code = "parity"
+
+
+class SchemaError(PermanentError):
+    """A job, result or manifest that does not match the schema this version reads."""
+
+    code = "schema"
+
+
+class ProviderError(TransientError):
+    """The execution provider failed at run time (driver fault, out of device memory)."""
+
+    code = "provider"
+
+
+class StorageError(TransientError):
+    code = "storage"

@@ -1,0 +1,133 @@
+"""Image rules every part follows: decoding, orientation, colour modes, size limits, working size.
+
+Pixels enter the model as float32 NCHW in [-1, 1] at the *working size* (aspect kept, longest side at
+most `max_side`, both sides multiples of 64) and leave as uint8 HWC, resized back to the input's size.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.errors import ImageTooLarge, InputNotFound, InvalidImage
+from core.params import LATENT_MULTIPLE
+
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: any camera photo; stops decompression bombs before decoding
+MAX_DISTORTION = 2.0  # refuse shapes the 64-px grid would stretch more than this (e.g. 20000x300 strips)
+# Encoders for output files, by suffix; anything else is written as PNG under its own name.
+_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".gif": "GIF",
+}
+
+
+def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputNotFound("no such file") from None
+    except IsADirectoryError:
+        raise InputNotFound("a folder, not an image") from None
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes into an upright RGB image, or raise a specific, permanent error (no file name in it)."""
+    if not data:
+        raise InvalidImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # read from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
+                    f"{max_pixels / 1e6:.1f} MP (raise ITSD_MAX_PIXELS to allow it)"
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise InvalidImage(f"cannot decode: {reason}") from None
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha over white, palettes expanded, 16-bit and float rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 255.0 if image.mode == "F" or values.max(initial=0) <= 255 else 65535.0
+        grey = np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size the model sees: aspect kept, longest side <= max_side, both sides multiples of 64."""
+    scale = min(1.0, max_side / max(width, height))
+    ceiling = max(LATENT_MULTIPLE, max_side // LATENT_MULTIPLE * LATENT_MULTIPLE)
+
+    def snap(side: int) -> int:
+        return min(ceiling, max(LATENT_MULTIPLE, round(side * scale / LATENT_MULTIPLE) * LATENT_MULTIPLE))
+
+    size = snap(width), snap(height)
+    stretch = max(size[0] / (width * scale), size[1] / (height * scale))
+    if stretch > MAX_DISTORTION:
+        raise ImageTooLarge(
+            f"{width}x{height} is too elongated for a {max_side}-px model input: its short side would be "
+            f"stretched {stretch:.1f}x; crop it into tiles or raise --max-side"
+        )
+    return size
+
+
+def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB image -> float32 [1, 3, H, W] in [-1, 1] at `size` (width, height)."""
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return np.ascontiguousarray((pixels * 2.0 - 1.0).transpose(2, 0, 1)[None])
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE output, float [3, H, W] in [-1, 1] -> uint8 [H, W, 3], rounding as diffusers does."""
+    unit = np.clip(decoded.astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
+    return (unit.transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+
+
+def restore_size(pixels: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    image = Image.fromarray(pixels)
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def encode_image(image: Image.Image, name: str) -> bytes:
+    """Encode for a file called `name`, in the format its suffix names (PNG when unknown)."""
+    fmt = _FORMATS.get(Path(name).suffix.lower(), "PNG")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    return buffer.getvalue()
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB (inf for identical arrays)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(peak**2 / mse)

@@ -1,0 +1,73 @@
+"""Turning files, folders and globs into inputs, each with the relative name its output mirrors."""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from core.errors import InputNotFound, InvalidParameters
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    relative: PurePosixPath  # where the output goes under the destination: photos/2019/a.jpg -> 2019/a.jpg
+
+
+def _images_under(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _glob_root(pattern: str) -> Path:
+    """The longest leading part of a glob without wildcards: outputs mirror paths below it."""
+    parts = Path(pattern).parts
+    fixed = parts[: next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))]
+    return Path(*fixed) if fixed else Path()
+
+
+def expand(patterns: list[str]) -> list[InputFile]:
+    """Files as given (named by their file name), folders recursively, globs (named below their root).
+
+    A missing path or a glob that matches nothing is an error; duplicates are dropped, and two
+    different inputs that would write the same output name are refused.
+    """
+    found: dict[Path, InputFile] = {}
+    for pattern in patterns:
+        path = Path(pattern)
+        if glob.has_magic(pattern):
+            root = _glob_root(pattern)
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise InputNotFound(f"{pattern}: matches no files")
+            items = [InputFile(m, safe_relative(m.relative_to(root))) for m in matches]
+        elif path.is_dir():
+            items = [InputFile(p, safe_relative(p.relative_to(path))) for p in _images_under(path)]
+        elif path.is_file():
+            items = [InputFile(path, safe_relative(Path(path.name)))]
+        else:
+            raise InputNotFound(f"{pattern}: no such file or folder")
+        for item in items:
+            found.setdefault(item.path.resolve(), item)
+    outputs: dict[PurePosixPath, Path] = {}
+    for item in found.values():
+        other = outputs.setdefault(item.relative, item.path)
+        if other != item.path:
+            raise InvalidParameters(f"{other} and {item.path} would both be written as {item.relative}")
+    return list(found.values())
+
+
+def safe_relative(relative: Path | PurePosixPath | str) -> PurePosixPath:
+    """A relative output key that cannot escape the destination (no absolute paths, no `..`)."""
+    pure = PurePosixPath(str(relative).replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or str(pure) == ".":
+        raise InvalidParameters(f"{relative}: output path would escape the destination folder")
+    return pure

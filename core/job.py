@@ -1,0 +1,82 @@
+"""Jobs and results: frozen dataclasses that travel as JSON (never pickle), with a schema version.
+
+A job's id is a hash of everything that decides its output (input bytes, instruction, parameters and
+model identity), so the same work submitted twice has the same id and can be recognised as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from core.errors import SchemaError
+from core.params import EditParams
+
+JOB_VERSION = 1
+Status = Literal["done", "skipped", "failed"]
+
+
+def job_id_for(input_digest: str, instruction: str, params: EditParams, model_id: str) -> str:
+    """Deterministic id: sha256 over a canonical JSON of what determines the output."""
+    canonical = json.dumps(
+        {"input": input_digest, "instruction": instruction, "params": params.to_dict(), "model": model_id},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _strict(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    if data.get("schema_version") != JOB_VERSION:
+        raise SchemaError(f"{what} schema version {data.get('schema_version')!r}; this itsd reads {JOB_VERSION}")
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise SchemaError(f"{what} has unknown field(s): {', '.join(sorted(unknown))}")
+    return data
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    batch_id: str
+    model: str  # queue name of the model (itsd.<model>)
+    instruction: str
+    params: EditParams
+    output_uri: str
+    input_uri: str | None = None  # local path or fsspec URL
+    input_b64: str | None = None  # small images inline instead of a URI
+    overwrite: bool = False
+    schema_version: int = JOB_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "params": self.params.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        data = _strict(cls, data, "job")
+        return cls(**{**data, "params": EditParams.from_dict(data["params"])})
+
+
+@dataclass(frozen=True)
+class Result:
+    job_id: str
+    status: Status
+    output_uri: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    worker: str | None = None
+    attempts: int = 1
+    error_type: str | None = None  # an ItsdError code
+    error_message: str | None = None
+    schema_version: int = JOB_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        return cls(**_strict(cls, data, "result"))

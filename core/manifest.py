@@ -1,0 +1,158 @@
+"""The artifact folder's contract: what export writes and the only thing a worker reads.
+
+Model facts are data. `COMPONENTS` declares every ONNX component's inputs and outputs with their
+symbolic axes; export derives `dynamic_axes` from it and the worker checks sessions against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import InvalidModel, SchemaError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+SCHEDULER_FILE = "scheduler_config.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int64", or "float" for the component's floating dtype (fp32 or fp16)
+    shape: tuple[int | str, ...]  # str entries are dynamic axes
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.onnx"
+
+
+def _t(name: str, *shape: int | str, dtype: str = "float") -> TensorSpec:
+    return TensorSpec(name, dtype, shape)
+
+
+# InstructPix2Pix in four ONNX graphs. The VAE encoder returns the latent distribution's mode
+# (unscaled, as IP2P conditions on it); the decoder takes latents already divided by the scale factor.
+COMPONENTS: dict[str, ComponentSpec] = {
+    c.name: c
+    for c in (
+        ComponentSpec(
+            "text_encoder",
+            (_t("input_ids", "batch", "sequence", dtype="int64"),),
+            (_t("last_hidden_state", "batch", "sequence", "hidden"),),
+        ),
+        ComponentSpec(
+            "vae_encoder",
+            (_t("sample", "batch", 3, "height", "width"),),
+            (_t("latent", "batch", "latent_channels", "latent_height", "latent_width"),),
+        ),
+        ComponentSpec(
+            "unet",
+            (
+                _t("sample", "batch", "unet_in_channels", "latent_height", "latent_width"),
+                _t("timestep", "batch", dtype="float32"),
+                _t("encoder_hidden_states", "batch", "sequence", "hidden"),
+            ),
+            (_t("out_sample", "batch", "latent_channels", "latent_height", "latent_width"),),
+        ),
+        ComponentSpec(
+            "vae_decoder",
+            (_t("latent", "batch", "latent_channels", "latent_height", "latent_width"),),
+            (_t("sample", "batch", 3, "height", "width"),),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How the ONNX pipeline compared with the diffusers pipeline on the probe, at export time."""
+
+    psnr_db: float
+    max_abs_diff: float  # on the decoded image, in [0, 255] units
+    steps: int
+    scheduler: str
+    size: tuple[int, int]
+    threshold_db: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: str  # checkpoint path or Hub id as given
+    source_hash: str  # sha256 over the checkpoint's files: the model's identity
+    dtype: str  # "fp32" or "fp16" (the UNet and text encoder; see component_dtypes)
+    component_dtypes: dict[str, str]
+    opset: int
+    onnxruntime_version: str
+    torch_version: str
+    latent_channels: int
+    unet_in_channels: int
+    vae_scale_factor: int  # pixels per latent
+    latent_scaling_factor: float  # the VAE's scaling_factor (0.18215 for SD 1.x)
+    text_hidden_size: int
+    max_text_length: int
+    pad_token_id: int
+    scheduler_class: str
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {file, inputs, outputs}
+    tensorrt_profiles: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
+    parity: Parity | None = None
+    schema_version: int = MANIFEST_VERSION
+
+    @property
+    def model_id(self) -> str:
+        """Identity of the served model: the checkpoint's content and the export's dtype."""
+        return f"{self.source_hash[:16]}-{self.dtype}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def write(self, folder: Path) -> Path:
+        path = folder / MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("schema_version")
+        if version != MANIFEST_VERSION:
+            raise SchemaError(f"manifest schema version {version!r}; this itsd reads version {MANIFEST_VERSION}")
+        parity = data.get("parity")
+        try:
+            return cls(
+                **{**data, "parity": None if parity is None else Parity(**{**parity, "size": tuple(parity["size"])})}
+            )
+        except TypeError as exc:
+            raise SchemaError(f"manifest does not match schema version {MANIFEST_VERSION}: {exc}") from None
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST_NAME
+        if not folder.is_dir():
+            raise InvalidModel(f"{folder}: no such artifact folder")
+        if not path.is_file():
+            raise InvalidModel(
+                f"{folder}: not an itsd artifact folder (no {MANIFEST_NAME}); make one with `itsd export`"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidModel(f"{path}: unreadable manifest: {exc}") from None
+        manifest = cls.from_dict(data)
+        missing = [c["file"] for c in manifest.components.values() if not (folder / c["file"]).is_file()]
+        if missing or set(manifest.components) != set(COMPONENTS):
+            raise InvalidModel(f"{folder}: incomplete artifact folder (missing {', '.join(missing) or 'components'})")
+        return manifest

@@ -1,0 +1,34 @@
+"""Settings read from the environment once; flags override them where a command offers one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.images import DEFAULT_MAX_PIXELS
+
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itsd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str | None = None  # ITSD_BROKER_URL: redis://, rediss://, with password if any
+    max_pixels: int = DEFAULT_MAX_PIXELS  # ITSD_MAX_PIXELS: refuse larger images before decoding
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS  # ITSD_PROVIDERS: comma-separated, in preference order
+    cache_dir: Path = Path()  # ITSD_CACHE_DIR: exported artifacts cached by checkpoint hash
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        providers = env.get("ITSD_PROVIDERS")
+        return cls(
+            broker_url=env.get("ITSD_BROKER_URL") or None,
+            max_pixels=int(env.get("ITSD_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+            providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else DEFAULT_PROVIDERS,
+            cache_dir=Path(env["ITSD_CACHE_DIR"]) if env.get("ITSD_CACHE_DIR") else _cache_home(),
+        )

@@ -1,0 +1,134 @@
+"""The four InstructPix2Pix graphs as torch modules, and their export to ONNX.
+
+What each component is (names, axes) is declared once in `core.manifest.COMPONENTS`; this module only
+knows how to wrap the diffusers modules so their forward matches that declaration, and how to make
+example inputs for tracing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from core.manifest import ComponentSpec
+
+OPSET = 17
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GB; above 1 GB, weights go to one .data file
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).last_hidden_state
+
+
+class VaeEncoder(torch.nn.Module):
+    """Image -> the latent distribution's mode (its mean), unscaled: what IP2P conditions on."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(sample).latent_dist.mode()
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class Unet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def wrap(pipe, name: str) -> torch.nn.Module:  # noqa: ANN001 (a diffusers pipeline)
+    modules = {
+        "text_encoder": lambda: TextEncoder(pipe.text_encoder),
+        "vae_encoder": lambda: VaeEncoder(pipe.vae),
+        "unet": lambda: Unet(pipe.unet),
+        "vae_decoder": lambda: VaeDecoder(pipe.vae),
+    }
+    return modules[name]().eval()
+
+
+def example_inputs(pipe, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """Batch 2 and a 64-px image: small, and no axis the exporter could mistake for a constant."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latent = 64 // vae_scale
+    hidden = pipe.text_encoder.config.hidden_size
+    seq = pipe.tokenizer.model_max_length
+    examples = {
+        "text_encoder": lambda: (torch.zeros(2, seq, dtype=torch.int64),),
+        "vae_encoder": lambda: (torch.zeros(2, 3, 64, 64, dtype=dtype),),
+        "unet": lambda: (
+            torch.zeros(2, pipe.unet.config.in_channels, latent, latent, dtype=dtype),
+            torch.tensor([500.0, 500.0]),
+            torch.zeros(2, seq, hidden, dtype=dtype),
+        ),
+        "vae_decoder": lambda: (torch.zeros(2, pipe.vae.config.latent_channels, latent, latent, dtype=dtype),),
+    }
+    return examples[name]()
+
+
+def export_component(
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    args: tuple[torch.Tensor, ...],
+    out: Path,
+    external_threshold: int = EXTERNAL_DATA_BYTES,
+) -> Path:
+    """Trace `module` to `out/<name>.onnx`; weights above the threshold go to one `<name>.onnx.data` file.
+
+    The TorchScript exporter spills a >2 GB model into hundreds of loose files, one per tensor, so it
+    writes into a scratch folder and only the consolidated result is moved into `out`.
+    """
+    tensors = (*spec.inputs, *spec.outputs)
+    with tempfile.TemporaryDirectory(dir=out, prefix=f".{spec.name}-") as scratch:
+        traced = Path(scratch) / spec.filename
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(
+                module,
+                args,
+                str(traced),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes={t.name: t.dynamic_axes for t in tensors if t.dynamic_axes},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(traced), load_external_data=True)
+        path = out / spec.filename
+        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        if weight_bytes > external_threshold:
+            onnx.save_model(
+                model,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=path.name + ".data",
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(path))
+    return path

@@ -1,0 +1,171 @@
+"""`itsd export`: checkpoint in, artifact folder out, all or nothing.
+
+Everything is written into a hidden sibling folder; only a complete, verified export is renamed into
+place, so a crash, a failed parity check or a bad checkpoint never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+from core.errors import ExportFailed, ParityError
+from core.manifest import COMPONENTS, TOKENIZER_DIR, Manifest
+from export import checkpoint, verify
+from export.components import OPSET, example_inputs, export_component, wrap
+from export.reference import TorchEditPipeline
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# fp16 is for the UNet, where the time goes. The SD VAE overflows to NaN in fp16; the text encoder runs
+# once per instruction per process (cached), and traced in fp16 its LayerNorms mix dtypes.
+FP32_ALWAYS = ("text_encoder", "vae_encoder", "vae_decoder")
+BATCH = {"min": 1, "opt": 3, "max": 3}  # 3-way guidance runs the UNet on batch 3
+SIDE = {"min": 64, "opt": 512, "max": 1024}  # pixel sides TensorRT engines are built for
+
+
+def export_checkpoint(
+    source: str,
+    out: Path,
+    dtype: str = "fp32",
+    verify_parity: bool = True,
+    overwrite: bool = False,
+    report: Callable[[str], None] = log.info,
+) -> Manifest:
+    folder = checkpoint.resolve(source)
+    checkpoint.check(folder)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportFailed(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    staging = _staging_folder(out)
+    try:
+        report(f"loading {source}")
+        pipe = checkpoint.load_pipeline(folder)
+        report("hashing checkpoint")
+        manifest = _manifest(pipe, source, checkpoint.content_hash(folder), dtype)
+        for name, spec in COMPONENTS.items():
+            report(f"exporting {name} ({manifest.component_dtypes[name]})")
+            torch_dtype = DTYPES[manifest.component_dtypes[name]]
+            module = wrap(pipe, name)
+            if torch_dtype != torch.float32:
+                module = copy.deepcopy(module).to(torch_dtype)  # the fp32 original stays for the parity check
+            export_component(module, spec, example_inputs(pipe, name, torch_dtype), staging)
+        pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
+        if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
+            pipe.tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_DIR / "tokenizer.json"))
+        pipe.scheduler.save_config(staging)
+        manifest.write(staging)
+        if verify_parity:
+            report("verifying against the diffusers pipeline")
+            manifest = _verify(pipe, staging, manifest)
+            manifest.write(staging)
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _staging_folder(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise ExportFailed(f"{out}: cannot write there: {exc.strerror or exc}") from None
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished folder into place; an old export is removed only after the swap."""
+    retired = None
+    if out.exists():
+        retired = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        out.rename(retired)
+    staging.rename(out)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _verify(pipe, staging: Path, manifest: Manifest) -> Manifest:  # noqa: ANN001 (diffusers pipeline)
+    from worker.pipeline import OnnxEditPipeline  # the serving code, exactly as a worker runs it
+
+    candidate = OnnxEditPipeline(staging, provider_names=("CPUExecutionProvider",))
+    parity = verify.measure(TorchEditPipeline(pipe), candidate, manifest.dtype)
+    if parity.psnr_db < parity.threshold_db:
+        raise ParityError(
+            f"ONNX export differs from the diffusers pipeline: {parity.psnr_db:.1f} dB PSNR (max diff "
+            f"{parity.max_abs_diff:.0f}/255), under the {parity.threshold_db:.0f} dB required for {manifest.dtype}"
+        )
+    return replace(manifest, parity=parity)
+
+
+def _manifest(pipe, source: str, source_hash: str, dtype: str) -> Manifest:  # noqa: ANN001
+    unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    seq = pipe.tokenizer.model_max_length
+    dims = {
+        "unet_in_channels": unet.in_channels,
+        "latent_channels": vae.latent_channels,
+        "hidden": text.hidden_size,
+        "sequence": seq,
+    }
+    components = {
+        name: {
+            "file": spec.filename,
+            "inputs": [_tensor(t, dims) for t in spec.inputs],
+            "outputs": [_tensor(t, dims) for t in spec.outputs],
+        }
+        for name, spec in COMPONENTS.items()
+    }
+    return Manifest(
+        source=source,
+        source_hash=source_hash,
+        dtype=dtype,
+        component_dtypes={name: "fp32" if name in FP32_ALWAYS else dtype for name in COMPONENTS},
+        opset=OPSET,
+        onnxruntime_version=onnxruntime.__version__,
+        torch_version=torch.__version__,
+        latent_channels=vae.latent_channels,
+        unet_in_channels=unet.in_channels,
+        vae_scale_factor=pipe.vae_scale_factor,
+        latent_scaling_factor=float(vae.scaling_factor),
+        text_hidden_size=text.hidden_size,
+        max_text_length=seq,
+        pad_token_id=int(pipe.tokenizer.pad_token_id),
+        scheduler_class=type(pipe.scheduler).__name__,
+        components=components,
+        tensorrt_profiles=_trt_profiles(pipe, dims),
+    )
+
+
+def _tensor(spec, dims: dict[str, int]) -> dict:  # noqa: ANN001 (core.manifest.TensorSpec)
+    return {
+        "name": spec.name,
+        "dtype": spec.dtype,
+        "shape": [dims.get(d, d) if isinstance(d, str) else d for d in spec.shape],
+    }
+
+
+def _trt_profiles(pipe, dims: dict[str, int]) -> dict[str, dict[str, dict[str, list[int]]]]:  # noqa: ANN001
+    """Shape ranges TensorRT builds engines for: batch 1-3 (guidance), 64-1024 px images."""
+    vae_scale, seq, hidden = pipe.vae_scale_factor, dims["sequence"], dims["hidden"]
+    latent_channels, in_channels = dims["latent_channels"], dims["unet_in_channels"]
+
+    def bounds(make: Callable[[str], list[int]]) -> dict[str, list[int]]:
+        return {bound: make(bound) for bound in ("min", "opt", "max")}
+
+    return {
+        "text_encoder": {"input_ids": bounds(lambda b: [1 if b == "min" else 2, seq])},
+        "vae_encoder": {"sample": bounds(lambda b: [1, 3, SIDE[b], SIDE[b]])},
+        "unet": {
+            "sample": bounds(lambda b: [BATCH[b], in_channels, SIDE[b] // vae_scale, SIDE[b] // vae_scale]),
+            "timestep": bounds(lambda b: [BATCH[b]]),
+            "encoder_hidden_states": bounds(lambda b: [BATCH[b], seq, hidden]),
+        },
+        "vae_decoder": {"latent": bounds(lambda b: [1, latent_channels, SIDE[b] // vae_scale, SIDE[b] // vae_scale])},
+    }

@@ -1,0 +1,1 @@
+"""The `itsd` command line: the root group, and the commands that submit to and watch a fleet."""

@@ -1,0 +1,49 @@
+"""The command line: every command has help, and the worker side never loads torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from producer.cli import COMMANDS, itsd
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(itsd, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 3
+
+
+HEAVY = ("torch", "diffusers", "onnxruntime", "export", "worker", "training")
+
+
+def test_the_root_help_lists_commands_without_importing_them():
+    code = (
+        "import sys, json\n"
+        "from producer.cli import main\n"
+        "sys.argv = ['itsd', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
+    assert all(name in out for name in COMMANDS)
+
+
+def test_the_worker_pipeline_and_edit_command_load_without_torch_or_diffusers():
+    code = (
+        "import sys, json, worker.pipeline, worker.cli, worker.schedulers, worker.tokenizer, worker.providers; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == []
+
+
+def test_an_unknown_command_is_a_usage_error():
+    result = CliRunner().invoke(itsd, ["frobnicate"])
+    assert result.exit_code == 2 and "No such command" in result.output

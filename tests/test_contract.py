@@ -1,0 +1,130 @@
+"""The shared contract: parameters, jobs and results as strict JSON, manifests, input expansion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from core.errors import InputNotFound, InvalidModel, InvalidParameters, PermanentError, SchemaError, TransientError
+from core.inputs import expand, safe_relative
+from core.job import Job, Result, job_id_for
+from core.manifest import COMPONENTS, Manifest
+from core.params import EditParams
+from core.settings import Settings
+
+
+def test_defaults_are_the_blogs_inference_settings():
+    params = EditParams()
+    assert (params.steps, params.guidance_scale, params.image_guidance_scale, params.max_side) == (20, 7.0, 1.5, 512)
+    assert params.guided
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"steps": 0}, {"guidance_scale": -1}, {"scheduler": "plms"}, {"max_side": 32}, {"seed": -1}]
+)
+def test_bad_parameters_are_refused_with_a_reason(kwargs):
+    with pytest.raises(InvalidParameters):
+        EditParams(**kwargs)
+
+
+def test_guidance_is_off_exactly_when_diffusers_turns_it_off():
+    assert not EditParams(guidance_scale=1.0).guided
+    assert not EditParams(image_guidance_scale=0.9).guided
+    assert EditParams(guidance_scale=1.01, image_guidance_scale=1.0).guided
+
+
+def test_errors_say_whether_to_retry():
+    assert not InvalidParameters("x").retryable and isinstance(InvalidModel("x"), PermanentError)
+    assert TransientError("x").retryable
+
+
+def test_a_job_survives_json_and_refuses_unknown_fields():
+    job = Job("j1", "b1", "cartoon", "Cartoonize", EditParams(seed=3), "out/a.jpg", input_uri="in/a.jpg")
+    wire = json.dumps(job.to_dict())
+    assert Job.from_dict(json.loads(wire)) == job
+    with pytest.raises(SchemaError, match="unknown"):
+        Job.from_dict({**job.to_dict(), "pickle": "x"})
+    with pytest.raises(SchemaError, match="version"):
+        Job.from_dict({**job.to_dict(), "schema_version": 99})
+
+
+def test_a_result_survives_json():
+    result = Result("j1", "failed", error_type="invalid_image", error_message="cannot decode", timings={"unet": 1.5})
+    assert Result.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_job_ids_change_with_anything_that_changes_the_output():
+    base = job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1")
+    assert base == job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1")
+    assert (
+        len(
+            {
+                base,
+                job_id_for("abd", "Cartoonize", EditParams(seed=1), "m1"),
+                job_id_for("abc", "Derain", EditParams(seed=1), "m1"),
+                job_id_for("abc", "Cartoonize", EditParams(seed=2), "m1"),
+                job_id_for("abc", "Cartoonize", EditParams(seed=1), "m2"),
+            }
+        )
+        == 5
+    )
+
+
+def test_settings_read_the_environment():
+    settings = Settings.from_env(
+        {
+            "ITSD_BROKER_URL": "rediss://:pw@h:6380/0",
+            "ITSD_PROVIDERS": "CUDAExecutionProvider, CPUExecutionProvider",
+            "ITSD_MAX_PIXELS": "1000",
+            "ITSD_CACHE_DIR": "/tmp/c",
+        }
+    )
+    assert settings.broker_url == "rediss://:pw@h:6380/0"
+    assert settings.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert (settings.max_pixels, settings.cache_dir) == (1000, Path("/tmp/c"))
+
+
+def test_every_component_declares_its_dynamic_axes():
+    unet = COMPONENTS["unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet.inputs[0].dynamic_axes == {0: "batch", 1: "unet_in_channels", 2: "latent_height", 3: "latent_width"}
+
+
+def test_a_folder_without_a_manifest_is_not_an_artifact_folder(tmp_path):
+    with pytest.raises(InvalidModel, match="not an itsd artifact folder"):
+        Manifest.read(tmp_path)
+    with pytest.raises(InvalidModel, match="no such"):
+        Manifest.read(tmp_path / "missing")
+
+
+def test_inputs_mirror_folder_structure_and_accept_globs(tmp_path):
+    for name in ["photos/2019/a.jpg", "photos/b.png", "photos/notes.txt", "photos/.hidden/c.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    folder = expand([str(tmp_path / "photos")])
+    assert sorted(str(i.relative) for i in folder) == ["2019/a.jpg", "b.png"]
+    globbed = expand([str(tmp_path / "photos" / "**" / "*.jpg")])
+    assert [str(i.relative) for i in globbed] == ["2019/a.jpg"]
+    single = expand([str(tmp_path / "photos" / "b.png"), str(tmp_path / "photos" / "b.png")])
+    assert [str(i.relative) for i in single] == ["b.png"]
+
+
+def test_missing_inputs_and_colliding_names_are_errors(tmp_path):
+    with pytest.raises(InputNotFound):
+        expand([str(tmp_path / "nope")])
+    with pytest.raises(InputNotFound):
+        expand([str(tmp_path / "*.png")])
+    for name in ["x/a.png", "y/a.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(InvalidParameters, match="both be written"):
+        expand([str(tmp_path / "x" / "a.png"), str(tmp_path / "y" / "a.png")])
+
+
+@pytest.mark.parametrize("bad", ["../escape.png", "/etc/passwd", "a/../../b.png", "", "."])
+def test_output_keys_cannot_escape_the_destination(bad):
+    with pytest.raises(InvalidParameters):
+        safe_relative(bad)
+    assert safe_relative("a/b.png") == PurePosixPath("a/b.png")

@@ -1,0 +1,125 @@
+"""`itsd edit`: the ONNX pipeline matches diffusers for a seed, and a bad image never stops a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from core.edit import edit_image
+from core.images import psnr
+from core.params import EditParams
+from producer.cli import itsd
+from tests.conftest import photo
+from worker.pipeline import OnnxEditPipeline
+
+
+def run_edit(*args):
+    return CliRunner().invoke(itsd, ["edit", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "trip").mkdir()
+    photo(96, 80, seed=1).save(folder / "a.png")
+    photo(130, 70, seed=2).save(folder / "trip" / "b.jpg", quality=95)
+    return folder
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm-multistep"])
+@pytest.mark.parametrize("guidance", [("7.0", "1.5"), ("1.0", "1.0")])
+def test_onnx_and_torch_backends_give_the_same_image_for_a_seed(
+    tiny_checkpoint, tiny_artifacts, photos, tmp_path, scheduler, guidance
+):
+    common = [
+        "--instruction",
+        "Cartoonize the image",
+        "--seed",
+        "7",
+        "--steps",
+        "5",
+        "--scheduler",
+        scheduler,
+        "--guidance-scale",
+        guidance[0],
+        "--image-guidance-scale",
+        guidance[1],
+        "--quiet",
+    ]
+    onnx = run_edit(photos, "--model", tiny_artifacts, "--out", tmp_path / "onnx", *common)
+    torch = run_edit(photos, "--model", tiny_checkpoint, "--out", tmp_path / "torch", "--backend", "torch", *common)
+    assert onnx.exit_code == 0 and torch.exit_code == 0, onnx.output + torch.output
+    for name in ["a.png", "trip/b.jpg"]:
+        ours, theirs = (np.asarray(Image.open(tmp_path / side / name)) for side in ("onnx", "torch"))
+        assert psnr(ours, theirs) >= 40.0, name
+
+
+def test_outputs_keep_the_inputs_names_folders_and_sizes(tiny_artifacts, photos, tmp_path):
+    result = run_edit(photos, "--model", tiny_artifacts, "--out", tmp_path, "-i", "Derain", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "edited 2/2" in result.output
+    assert Image.open(tmp_path / "a.png").size == (96, 80)
+    with Image.open(tmp_path / "trip" / "b.jpg") as out:
+        assert (out.size, out.format) == ((130, 70), "JPEG")
+
+
+def test_a_corrupt_image_is_reported_and_the_rest_go_on(tiny_artifacts, photos, tmp_path):
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    photo(64, 64).save(tmp_path / "in" / "good.png")
+    result = run_edit(
+        tmp_path / "in", "--model", tiny_artifacts, "--out", tmp_path / "out", "-i", "Denoise", "--steps", "1"
+    )
+    assert result.exit_code == 1
+    assert "broken.png" in result.output and "cannot decode" in result.output and "1 failed" in result.output
+    assert (tmp_path / "out" / "good.png").is_file() and not (tmp_path / "out" / "broken.png").exists()
+
+
+def test_an_empty_instruction_is_refused(tiny_artifacts, photos, tmp_path):
+    result = run_edit(photos, "--model", tiny_artifacts, "--out", tmp_path, "-i", "  ")
+    assert result.exit_code == 2 and "instruction is empty" in result.output
+
+
+def test_a_checkpoint_given_to_the_onnx_backend_says_how_to_export_it(tiny_checkpoint, photos, tmp_path):
+    result = run_edit(photos, "--model", tiny_checkpoint, "--out", tmp_path, "-i", "x")
+    assert result.exit_code == 1 and "itsd export" in result.output
+
+
+def test_the_same_seed_gives_the_same_image_and_another_seed_does_not(tiny_artifacts):
+    pipeline = OnnxEditPipeline(tiny_artifacts)
+    image = photo(64, 64)
+    first, again, other = (
+        edit_image(pipeline, image, "Cartoonize", EditParams(steps=3, seed=s)).image for s in (1, 1, 2)
+    )
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def test_guidance_runs_three_unet_rows_and_no_guidance_runs_one(tiny_artifacts, monkeypatch):
+    pipeline = OnnxEditPipeline(tiny_artifacts)
+    batches = []
+    original = pipeline._run
+
+    def spy(name, **inputs):
+        if name == "unet":
+            batches.append(inputs["sample"].shape[0])
+        return original(name, **inputs)
+
+    monkeypatch.setattr(pipeline, "_run", spy)
+    edit_image(pipeline, photo(64, 64), "x", EditParams(steps=2, seed=0))
+    edit_image(pipeline, photo(64, 64), "x", EditParams(steps=2, seed=0, guidance_scale=1.0))
+    assert batches == [3, 3, 1, 1]
+
+
+def test_the_instruction_is_encoded_once_per_process(tiny_artifacts, monkeypatch):
+    pipeline = OnnxEditPipeline(tiny_artifacts)
+    calls = []
+    original = pipeline.tokenizer
+
+    monkeypatch.setattr(pipeline, "tokenizer", lambda texts: calls.append(texts) or original(texts))
+    for seed in range(3):
+        edit_image(pipeline, photo(64, 64), "Cartoonize the image", EditParams(steps=1, seed=seed))
+    assert calls == [["Cartoonize the image"], [""]]

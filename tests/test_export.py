@@ -1,0 +1,132 @@
+"""`itsd export`: verified artifacts, or one clear error and nothing that looks like an export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from core.errors import InvalidModel
+from core.manifest import COMPONENTS, Manifest
+from export.checkpoint import load_pipeline
+from export.components import export_component, wrap
+from producer.cli import itsd
+
+
+def run_export(*args):
+    return CliRunner().invoke(itsd, ["export", *map(str, args)])
+
+
+def test_export_writes_every_component_and_a_manifest_with_parity_over_40_db(tiny_artifacts, tiny_checkpoint):
+    manifest = Manifest.read(tiny_artifacts)
+    assert manifest.parity is not None and manifest.parity.psnr_db >= 40.0
+    assert manifest.unet_in_channels == 8 and manifest.vae_scale_factor == 8
+    assert manifest.source == str(tiny_checkpoint) and len(manifest.source_hash) == 64
+    for name in COMPONENTS:
+        onnx.checker.check_model(str(tiny_artifacts / f"{name}.onnx"))
+    assert (tiny_artifacts / "tokenizer" / "tokenizer.json").is_file()
+    assert (
+        json.loads((tiny_artifacts / "scheduler_config.json").read_text())["_class_name"]
+        == "EulerAncestralDiscreteScheduler"
+    )
+    unet_profile = manifest.tensorrt_profiles["unet"]["sample"]
+    assert unet_profile["opt"] == [3, 8, 64, 64] and unet_profile["min"][0] == 1
+
+
+def test_fp16_export_makes_the_unet_fp16_and_still_verifies(tiny_checkpoint, tmp_path):
+    result = run_export(tiny_checkpoint, tmp_path / "fp16", "--dtype", "fp16", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.read(tmp_path / "fp16")
+    assert manifest.component_dtypes == {
+        "text_encoder": "fp32",
+        "vae_encoder": "fp32",
+        "unet": "fp16",
+        "vae_decoder": "fp32",
+    }
+    assert manifest.parity.psnr_db >= manifest.parity.threshold_db
+    unet = onnx.load(str(tmp_path / "fp16" / "unet.onnx"))
+    assert unet.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_large_weights_go_to_exactly_one_external_data_file(tiny_checkpoint, tmp_path):
+    spec = COMPONENTS["unet"]
+    pipe = load_pipeline(tiny_checkpoint)
+    import torch
+
+    from export.components import example_inputs
+
+    export_component(
+        wrap(pipe, "unet"), spec, example_inputs(pipe, "unet", torch.float32), tmp_path, external_threshold=0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    onnx.checker.check_model(str(tmp_path / "unet.onnx"))
+
+
+def test_a_plain_stable_diffusion_checkpoint_is_refused_with_the_reason(tmp_path):
+    from training.tiny import build_tiny_checkpoint
+
+    sd = build_tiny_checkpoint(tmp_path / "sd", unet_in_channels=4)
+    result = run_export(sd, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "4 input channels" in result.output and "itsd train" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_component_is_named(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    shutil.rmtree(broken / "vae")
+    result = run_export(broken, tmp_path / "out")
+    assert result.exit_code == 1 and "vae" in result.output
+
+
+def test_a_corrupt_weight_file_fails_cleanly_and_leaves_no_folder(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    result = run_export(broken, tmp_path / "out")
+    assert result.exit_code == 1 and "cannot load checkpoint" in result.output
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = run_export(tmp_path / "photos", tmp_path / "out")
+    assert result.exit_code == 1 and "not a diffusers checkpoint" in result.output
+
+
+def test_an_unwritable_destination_is_one_clear_error(tiny_checkpoint, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")  # unwritable below, even for root
+    result = run_export(tiny_checkpoint, tmp_path / "a-file" / "out")
+    assert result.exit_code == 1 and "cannot write there" in result.output
+
+
+def test_an_existing_export_is_kept_unless_overwrite(tiny_checkpoint, tiny_artifacts, tmp_path):
+    out = tmp_path / "existing"
+    shutil.copytree(tiny_artifacts, out)
+    result = run_export(tiny_checkpoint, out, "--no-verify")
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    result = run_export(tiny_checkpoint, out, "--no-verify", "--overwrite", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert Manifest.read(out).parity is None and "not verified" in result.output
+
+
+def test_a_failed_parity_check_leaves_no_artifacts(tiny_checkpoint, tmp_path, monkeypatch):
+    from export import verify
+
+    monkeypatch.setitem(verify.THRESHOLD_DB, "fp32", 1000.0)
+    result = run_export(tiny_checkpoint, tmp_path / "out")
+    assert result.exit_code == 1 and "dB" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_manifest_loader_refuses_an_incomplete_folder(tiny_artifacts, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_artifacts, partial)
+    (partial / "unet.onnx").unlink()
+    with pytest.raises(InvalidModel, match=r"unet\.onnx"):
+        Manifest.read(partial)

@@ -1,0 +1,106 @@
+"""Image rules: decoding, orientation, colour modes, size limits and the working size."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import ImageTooLarge, InputNotFound, InvalidImage
+from core.images import decode_image, encode_image, psnr, read_image_file, to_model_input, to_uint8, working_size
+from tests.conftest import photo
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
+def test_every_mode_decodes_to_8bit_rgb(mode):
+    source = photo(40, 30).convert("RGBA" if mode == "RGBA" else "RGB")
+    if mode in ("I;16", "I", "F"):
+        grey = np.asarray(source.convert("L"), dtype=np.float64)
+        scale = 257 if mode != "F" else 1
+        image = Image.fromarray((grey * scale).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+        data = encoded(image, "TIFF") if mode in ("F", "I") else encoded(image)
+    else:
+        image = source.convert(mode)
+        data = encoded(image, "JPEG" if mode == "CMYK" else "PNG")
+    out = decode_image(data)
+    assert out.mode == "RGB" and out.size == (40, 30)
+    if mode in ("I;16", "I", "F"):  # 16-bit and float are rescaled, not clipped to white
+        assert psnr(np.asarray(out)[..., 0], np.asarray(source.convert("L"))) > 30
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.asarray(decode_image(encoded(rgba)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied():
+    image = photo(60, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(encoded(image, "JPEG", exif=exif))
+    assert out.size == (20, 60)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", encoded(photo())[:200]])
+def test_undecodable_bytes_raise_invalid_image(data):
+    with pytest.raises(InvalidImage):
+        decode_image(data)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
+    with pytest.raises(ImageTooLarge, match="over the limit"):
+        decode_image(encoded(Image.new("RGB", (400, 300))), max_pixels=100_000)
+
+
+def test_a_missing_file_is_input_not_found(tmp_path):
+    with pytest.raises(InputNotFound):
+        read_image_file(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize(
+    ("size", "max_side", "expected"),
+    [
+        ((512, 512), 512, (512, 512)),
+        ((451, 300), 512, (448, 320)),  # no upscaling, sides snapped to 64
+        ((4000, 3000), 512, (512, 384)),
+        ((3000, 4000), 768, (576, 768)),
+        ((50, 40), 512, (64, 64)),
+        ((1000, 100), 512, (512, 64)),
+    ],
+)
+def test_working_size_keeps_aspect_and_snaps_to_64(size, max_side, expected):
+    assert working_size(*size, max_side) == expected
+
+
+def test_a_20000_pixel_panorama_strip_is_refused_with_a_reason():
+    with pytest.raises(ImageTooLarge, match="elongated"):
+        working_size(20000, 300, 512)
+
+
+def test_model_input_round_trips_through_uint8():
+    image = photo(64, 64)
+    pixels = to_model_input(image, (64, 64))
+    assert pixels.shape == (1, 3, 64, 64) and pixels.dtype == np.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    assert np.array_equal(to_uint8(pixels[0]), np.asarray(image))
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "b.PNG", "c.webp", "d.unknown"])
+def test_outputs_are_encoded_in_the_format_their_name_says(name):
+    data = encode_image(photo(), name)
+    fmt = Image.open(io.BytesIO(data)).format
+    assert fmt == {"a.jpg": "JPEG", "b.PNG": "PNG", "c.webp": "WEBP", "d.unknown": "PNG"}[name]
+
+
+def test_psnr_of_identical_images_is_infinite_and_of_a_known_shift_is_exact():
+    a = np.full((4, 4), 100, np.uint8)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)

@@ -1,0 +1,118 @@
+"""Tiny InstructPix2Pix checkpoints built from configs: the test models, and the seed of itsd-tiny.
+
+Every part is real diffusers/transformers code at a toy size: an 8-channel UNet with cross-attention,
+a 4-level AutoencoderKL (so latents are 1/8 of the image, as in SD), a CLIP text encoder and the real
+CLIP tokenizer. Weights are random (seeded) unless trained later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from training.clip_vocab import write_clip_tokenizer_files
+
+# The scheduler config SD 1.5 and timbrooks/instruct-pix2pix ship.
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+# Model sizes as data. "tiny": the test models (~3 M parameters, latents 1/8 as in SD).
+# "sd15": Stable Diffusion 1.5's architecture (860 M UNet, CLIP ViT-L/14 text tower), for benchmarks.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": {
+            "sample_size": 32,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (16, 16, 32, 32),
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 64,
+        },
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    },
+    "sd15": {
+        "unet": {"sample_size": 64, "cross_attention_dim": 768},  # diffusers' defaults are SD 1.5's
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "sample_size": 512,
+        },
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    },
+}
+
+
+def unet_for(preset: str, in_channels: int = 8) -> UNet2DConditionModel:
+    return UNet2DConditionModel(in_channels=in_channels, out_channels=4, **PRESETS[preset]["unet"])
+
+
+def vae_for(preset: str) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **PRESETS[preset]["vae"])
+
+
+def text_encoder_for(preset: str) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **PRESETS[preset]["text"],
+    )
+    return CLIPTextModel(config)
+
+
+def clip_tokenizer(workdir: Path) -> CLIPTokenizer:
+    vocab, merges = write_clip_tokenizer_files(workdir)
+    return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+def build_tiny_checkpoint(out: Path, seed: int = 0, unet_in_channels: int = 8, preset: str = "tiny") -> Path:
+    """Write a complete diffusers InstructPix2Pix checkpoint (safetensors, random weights) to `out`."""
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae_for(preset),
+        text_encoder=text_encoder_for(preset),
+        tokenizer=clip_tokenizer(out / "_tokenizer_src"),
+        unet=unet_for(preset, unet_in_channels),
+        scheduler=EulerAncestralDiscreteScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for leftover in (out / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (out / "_tokenizer_src").rmdir()
+    json.loads((out / "model_index.json").read_text())  # fail loudly if diffusers wrote nothing
+    return out

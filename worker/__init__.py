@@ -1,0 +1,1 @@
+"""The itsd worker: ONNX Runtime pipelines and the Celery edit task. Never imports torch."""

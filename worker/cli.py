@@ -1,0 +1,93 @@
+"""`itsd edit`: edit images in this process with ONNX artifacts (or the torch baseline), no queue."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from core.edit import Backend, edit_image
+from core.errors import ItsdError
+from core.images import encode_image, read_image_file
+from core.inputs import expand
+from core.options import edit_options
+from core.params import EditParams
+from core.settings import Settings
+from core.storage import write_atomic
+
+# backend -> "module:Class" with a `load(model: str)` classmethod. torch is the diffusers baseline and
+# lives in export/, so a worker install never imports it unless asked for.
+BACKENDS = {"onnx": "worker.pipeline:OnnxEditPipeline", "torch": "export.reference:TorchEditPipeline"}
+
+
+def load_backend(name: str, model: str) -> Backend:
+    module_name, class_name = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.ClickException(f"--backend {name} needs {exc.name}: pip install 'itsd[export]'") from None
+    return getattr(module, class_name).load(model)
+
+
+@click.command()
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.option(
+    "--model",
+    "-m",
+    required=True,
+    metavar="PATH",
+    help="Artifact folder from `itsd export` (onnx), or a diffusers checkpoint (torch).",
+)
+@click.option("--instruction", "-i", required=True, help='What to do, e.g. "Cartoonize the image".')
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the edited images; each keeps its input's name and size.",
+)
+@edit_options
+@click.option(
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="onnx",
+    show_default=True,
+    help="onnx: the artifacts a worker runs; torch: the diffusers pipeline, as a baseline.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def edit(
+    images: tuple[str, ...], model: str, instruction: str, out: Path, params: EditParams, backend: str, quiet: bool
+) -> None:
+    """Edit IMAGE... (files, folders, globs) by INSTRUCTION. A bad image is reported and skipped;
+    the exit status is 1 if any image failed."""
+    if not instruction.strip():
+        raise click.BadParameter("the instruction is empty", param_hint="--instruction")
+    try:
+        inputs = expand(list(images))
+        pipeline = load_backend(backend, model)
+    except ItsdError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not inputs:
+        raise click.ClickException(f"no images found in {' '.join(images)}")
+    settings, failures, start = Settings.from_env(), 0, time.perf_counter()
+    progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    for item in progress:
+        try:
+            image = read_image_file(item.path, settings.max_pixels)
+            result = edit_image(pipeline, image, instruction, params)
+            write_atomic(out / item.relative, encode_image(result.image, item.relative.name))
+        except ItsdError as exc:
+            failures += 1
+            progress.write(f"failed: {item.path}: {exc}", file=sys.stderr)
+    done = len(inputs) - failures
+    click.echo(
+        f"edited {done}/{len(inputs)} image(s) into {out} in {time.perf_counter() - start:.1f} s"
+        + (f"; {failures} failed" if failures else "")
+    )
+    if failures:
+        sys.exit(1)
