@@ -24,6 +24,16 @@ COMMANDS: dict[str, Entry] = {
         "train",
         "Build an instruction-prompted dataset from photos, pairs or degradations.",
     ),
+    "train": Entry(
+        "training.train_cli:train",
+        "train",
+        "Fine-tune InstructPix2Pix (from IP2P, or SD with a widened conv_in).",
+    ),
+    "evaluate": Entry(
+        "training.evaluate_cli:evaluate",
+        "train",
+        "Measure models on a test split: PSNR/SSIM vs. the identity baseline, grids.",
+    ),
 }
 
 

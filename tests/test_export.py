@@ -130,3 +130,9 @@ def test_the_manifest_loader_refuses_an_incomplete_folder(tiny_artifacts, tmp_pa
     (partial / "unet.onnx").unlink()
     with pytest.raises(InvalidModel, match=r"unet\.onnx"):
         Manifest.read(partial)
+
+
+def test_a_hub_id_offline_is_one_clear_error_and_never_a_download(tmp_path):
+    result = run_export("someorg/some-model", tmp_path / "out")
+    assert result.exit_code == 1 and "Hub is unreachable or offline" in result.output
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ import click
 from tqdm import tqdm
 
 from core.errors import InvalidParameters
+from core.inputs import IMAGE_SUFFIXES
 from training.dataset import (
     CHOICES_COLUMN,
     SCHEMAS,
@@ -33,7 +34,7 @@ from training.dataset import (
     split_of,
 )
 from training.degrade import TASK_DEGRADATIONS
-from training.sources import IMAGE_SUFFIXES, PairSource, PhotoSource, Source, SyntheticSource, produce
+from training.sources import PairSource, PhotoSource, Source, SyntheticSource, produce
 from training.teachers import RANGES, CommandTeacher, OnnxTeacher, Teacher, cartoon
 from training.templates import load_templates, pick_template
 
@@ -289,7 +290,7 @@ def run(
     source = build_source(photos, pairs, clean, tasks, teacher_onnx, onnx_range, teacher_command, pair_strip)
     folder = photos or clean or (pairs[0] if pairs else None)
     if not source.units:
-        raise click.ClickException(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise click.ClickException(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     templates = {task: load_templates(task, templates_dir) for task in source.tasks}
     base = SCHEMAS[schema_name or schema_for(list(source.tasks))]
     schema = Schema(

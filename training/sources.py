@@ -17,12 +17,12 @@ import numpy as np
 
 from core.errors import ImageTooLarge, InputNotFound, InvalidImage
 from core.images import read_image_file
+from core.inputs import IMAGE_SUFFIXES
 from training.dataset import Crop, aligned_crop
 from training.degrade import degrade
 from training.teachers import Teacher, TeacherFailed
 from training.templates import rng_for
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Errors that skip one unit (reported with their reason); anything else stops the run.
 SKIPPABLE = (InvalidImage, ImageTooLarge, InputNotFound, TeacherFailed)
 

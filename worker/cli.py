@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from core.edit import Backend, edit_image
+from core.backends import BACKENDS, load_backend
+from core.edit import edit_image
 from core.errors import ItsdError
 from core.images import encode_image, read_image_file
 from core.inputs import expand
@@ -18,19 +18,6 @@ from core.options import edit_options
 from core.params import EditParams
 from core.settings import Settings
 from core.storage import write_atomic
-
-# backend -> "module:Class" with a `load(model: str)` classmethod. torch is the diffusers baseline and
-# lives in export/, so a worker install never imports it unless asked for.
-BACKENDS = {"onnx": "worker.pipeline:OnnxEditPipeline", "torch": "export.reference:TorchEditPipeline"}
-
-
-def load_backend(name: str, model: str) -> Backend:
-    module_name, class_name = BACKENDS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.ClickException(f"--backend {name} needs {exc.name}: pip install 'itsd[export]'") from None
-    return getattr(module, class_name).load(model)
 
 
 @click.command()
@@ -69,7 +56,7 @@ def edit(
         raise click.BadParameter("the instruction is empty", param_hint="--instruction")
     try:
         inputs = expand(list(images))
-        pipeline = load_backend(backend, model)
+        pipeline = load_backend(model, backend)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     if not inputs:

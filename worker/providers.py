@@ -13,6 +13,7 @@ from core.errors import InvalidModel, InvalidParameters
 log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_reported: set[tuple[str, ...]] = set()  # provider sets already warned about in this process
 
 
 def shape_string(shapes: dict[str, list[int]]) -> str:
@@ -32,9 +33,10 @@ def choose(
     unknown = [p for p in preferred if p not in ort.get_all_providers()]
     if unknown:
         raise InvalidParameters(f"unknown execution provider(s): {', '.join(unknown)}")
-    missing = [p for p in preferred if p not in available]
-    if missing:
-        log.info("execution provider(s) not in this onnxruntime build: %s", ", ".join(missing))
+    missing = tuple(p for p in preferred if p not in available)
+    if missing and missing not in _reported:
+        _reported.add(missing)
+        log.warning("not in this onnxruntime build, skipped: %s", ", ".join(missing))
     chosen: list[tuple[str, dict[str, Any]]] = []
     for name in preferred:
         if name not in available:

@@ -1,0 +1,355 @@
+"""`itsd train`: conv_in widening, conditioning dropout, config loading, and short real training runs on a
+tiny model and a tiny dataset (input = a gradient image, target = its inverse or a blur of it)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageFilter
+
+from training.config import ConfigError, TrainConfig, load_config
+
+INVERT_PARAPHRASES = ["Invert the colors", "Make a negative of this image", "Swap every color for its opposite"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run makes its own Accelerator; forget the process-wide state between tests."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=1, unet_in_channels=4)
+
+
+def gradient_image(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    a, b = rng.random(3), rng.random(3)
+    pixels = (a * x[..., None] + b * y[..., None]) / np.maximum(a + b, 1e-6) * 255
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DatasetDict in the low-level schema: 8 training rows (6 invert, 2 blur) and 2 validation rows."""
+    import datasets
+
+    def rows(seeds: range) -> dict[str, list]:
+        table = {"input_image": [], "instruction": [], "ground_truth_image": [], "task": []}
+        for seed in seeds:
+            image = gradient_image(seed)
+            blur = seed % 4 == 3
+            target = image.filter(ImageFilter.GaussianBlur(3)) if blur else Image.fromarray(255 - np.asarray(image))
+            table["input_image"].append(image)
+            table["ground_truth_image"].append(target)
+            table["instruction"].append("blur the image" if blur else "invert the colors")
+            table["task"].append("blur" if blur else "invert")
+        return table
+
+    features = datasets.Features(
+        {
+            "input_image": datasets.Image(),
+            "instruction": datasets.Value("string"),
+            "ground_truth_image": datasets.Image(),
+            "task": datasets.Value("string"),
+        }
+    )
+    out = tmp_path_factory.mktemp("data") / "pairs"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows(range(8)), features=features),
+            "validation": datasets.Dataset.from_dict(rows(range(100, 102)), features=features),
+        }
+    ).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("instructions")
+    (folder / "invert.txt").write_text("# paraphrases\n" + "\n".join(INVERT_PARAPHRASES) + "\n")
+    return folder
+
+
+def tiny_config(checkpoint: Path, data: Path, out: Path, **changes: object) -> TrainConfig:
+    base = dict(
+        pretrained=str(checkpoint),
+        dataset=str(data),
+        output_dir=str(out),
+        resolution=64,
+        train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        gradient_checkpointing=False,
+        checkpointing_steps=0,
+        validation_steps=0,
+        num_validation_rows=2,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+# ---------------------------------------------------------------- model surgery and per-step helpers
+
+
+def test_widened_sd_unet_computes_exactly_what_the_sd_unet_did_when_the_extra_channels_are_zero(sd_checkpoint):
+    from diffusers import UNet2DConditionModel
+
+    from training.train import widen_conv_in
+
+    sd = UNet2DConditionModel.from_pretrained(sd_checkpoint, subfolder="unet").eval()
+    widened = widen_conv_in(copy.deepcopy(sd)).eval()
+
+    assert widened.config.in_channels == 8 and widened.conv_in.in_channels == 8
+    assert torch.equal(widened.conv_in.bias, sd.conv_in.bias)
+    assert torch.equal(widened.conv_in.weight[:, :4], sd.conv_in.weight)
+    assert not widened.conv_in.weight[:, 4:].any()
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, sd.config.cross_attention_dim, generator=generator)
+    timesteps = torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = sd(latents, timesteps, text).sample
+        got = widened(torch.cat([latents, torch.zeros_like(latents)], dim=1), timesteps, text).sample
+    assert torch.equal(got, expected)
+
+
+def test_conditioning_dropout_drops_text_image_and_both_in_the_reference_proportions():
+    from training.train import conditioning_dropout
+
+    n, p = 200_000, 0.05
+    text, image = torch.ones(n, 2, 3), torch.ones(n, 4, 1, 1)
+    null_text = torch.zeros(1, 2, 3)
+    text, image = conditioning_dropout(text, image, null_text, p, torch.Generator().manual_seed(0))
+    text_dropped = (text == 0).all(dim=(1, 2))
+    image_dropped = (image == 0).all(dim=(1, 2, 3))
+
+    assert abs(text_dropped.float().mean().item() - 2 * p) < 0.004
+    assert abs(image_dropped.float().mean().item() - 2 * p) < 0.004
+    assert abs((text_dropped & image_dropped).float().mean().item() - p) < 0.003
+    assert abs((~text_dropped & ~image_dropped).float().mean().item() - (1 - 3 * p)) < 0.004
+    assert set(text.unique().tolist()) == {0.0, 1.0}  # whole samples, never partial
+
+
+def test_conditioning_dropout_with_probability_zero_keeps_everything():
+    from training.train import conditioning_dropout
+
+    text, image = torch.randn(64, 2, 3), torch.randn(64, 4, 2, 2)
+    got_text, got_image = conditioning_dropout(text, image, torch.zeros(1, 2, 3), 0.0, torch.Generator())
+    assert torch.equal(got_text, text) and torch.equal(got_image, image)
+
+
+def test_task_weights_give_each_task_its_share_however_many_rows_it_has():
+    from training.train import row_weights
+
+    tasks = ["deblur"] * 6 + ["denoise"] * 2
+    weights = row_weights(tasks, {"deblur": 1.0, "denoise": 3.0})
+    assert weights[:6].sum() == pytest.approx(0.25) and weights[6:].sum() == pytest.approx(0.75)
+    assert row_weights(tasks, {}).tolist() == [1 / 8] * 8
+    with pytest.raises(ConfigError, match="denoise"):
+        row_weights(tasks, {"deblur": 1.0})
+    with pytest.raises(ConfigError, match="derain"):
+        row_weights(tasks, {"deblur": 1.0, "denoise": 1.0, "derain": 1.0})
+
+
+def test_instructions_are_drawn_from_the_task_paraphrases_when_a_templates_file_exists(dataset, templates):
+    from training.train import PairDataset, load_rows
+
+    rows, _ = load_rows(TrainConfig(dataset=str(dataset), instructions_dir=str(templates)))
+    pairs = PairDataset(rows, TrainConfig(resolution=32, instructions_dir=str(templates)), tokenizer=None)
+    rng = np.random.default_rng(0)
+    invert_draws = {pairs.pair(0, rng)[2] for _ in range(40)}
+    assert invert_draws == set(INVERT_PARAPHRASES)
+    assert {pairs.pair(3, rng)[2] for _ in range(5)} == {"blur the image"}  # no blur.txt: the row's own text
+    original, edited, _ = pairs.pair(0, rng)
+    assert original.size == edited.size == (32, 32)
+
+
+def test_a_pair_is_cropped_with_the_same_box_on_input_and_target():
+    from training.train import crop_pair
+
+    wide = Image.fromarray(np.arange(40 * 100 * 3, dtype=np.uint32).reshape(40, 100, 3).astype(np.uint8))
+    for seed in range(5):
+        original, edited = crop_pair(wide, wide.copy(), 32, center=False, flip=True, rng=np.random.default_rng(seed))
+        assert original.size == (32, 32) and np.array_equal(np.asarray(original), np.asarray(edited))
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import sys
+
+    from training.train import make_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails even where it is installed
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        make_optimizer(iter([torch.nn.Parameter(torch.zeros(1))]), TrainConfig(use_8bit_adam=True))
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_an_unknown_key_in_the_toml_file_is_an_error_that_names_it(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("learning_rate = 1e-4\nlearnig_rate = 2e-4\n")
+    with pytest.raises(ConfigError, match="learnig_rate"):
+        load_config(path)
+
+
+def test_an_unknown_key_in_set_is_an_error_that_names_it():
+    with pytest.raises(ConfigError, match="resolutoin"):
+        load_config(None, ["resolutoin=512"])
+
+
+def test_a_value_of_the_wrong_type_is_an_error_that_names_the_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('max_train_steps = "many"\n')
+    with pytest.raises(ConfigError, match="max_train_steps"):
+        load_config(path)
+
+
+def test_set_overrides_the_toml_file_and_flags_override_both(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'learning_rate = 1e-4\nresolution = 512\nmax_train_steps = 100\nmixed_precision = "bf16"\n'
+        "task_weights = { deblur = 2, derain = 1 }\n"
+    )
+    config = load_config(
+        path,
+        ["resolution=128", "use_ema=false", "output_dir=runs/a b", "max_train_steps=50"],
+        {"max_train_steps": 7, "dataset": None},
+    )
+    assert config.learning_rate == 1e-4  # from the file
+    assert config.mixed_precision == "bf16"
+    assert config.task_weights == {"deblur": 2.0, "derain": 1.0}
+    assert config.resolution == 128 and config.use_ema is False and config.output_dir == "runs/a b"  # --set
+    assert config.max_train_steps == 7  # the dedicated flag wins
+    assert config.dataset == "" and config.seed == 42  # untouched defaults
+
+
+def test_the_defaults_are_the_reference_recipe_with_conditioning_dropout_on():
+    config = TrainConfig()
+    assert (config.resolution, config.train_batch_size, config.gradient_accumulation_steps) == (256, 2, 4)
+    assert (config.max_train_steps, config.learning_rate, config.lr_scheduler) == (15000, 5e-5, "constant")
+    assert config.conditioning_dropout_prob == 0.05 and config.use_ema and config.seed == 42
+
+
+def test_the_example_config_loads():
+    config = load_config(Path(__file__).parents[1] / "training" / "configs" / "example.toml")
+    assert config.resolution == 256 and config.task_weights
+
+
+def test_the_cli_reports_an_unknown_key_in_one_line_and_exits_non_zero():
+    from training.train_cli import train
+
+    result = CliRunner().invoke(train, ["--set", "lerning_rate=1"])
+    assert result.exit_code != 0 and "lerning_rate" in result.output
+
+
+def test_the_cli_prints_the_resolved_config_as_toml_that_loads_back(tmp_path):
+    from training.train_cli import train
+
+    args = ["--print-config", "--max-train-steps", "9", "--set", "seed=7", "--set", "task_weights={a=1,b=2}"]
+    result = CliRunner().invoke(train, args)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "printed.toml"
+    path.write_text(result.output)
+    assert load_config(path) == TrainConfig(max_train_steps=9, seed=7, task_weights={"a": 1.0, "b": 2.0})
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def test_training_a_tiny_model_on_a_learnable_dataset_lowers_the_loss(tiny_checkpoint, dataset, tmp_path):
+    from training.train import train
+
+    out = tmp_path / "run"
+    losses = train(tiny_config(tiny_checkpoint, dataset, out, max_train_steps=50, validation_steps=50))
+
+    assert len(losses) == 50 and all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    grid = Image.open(out / "validation" / "step-000050.png")
+    assert grid.size == (3 * 64, 2 * 64)  # input | output | target, one row per validation row
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-50"]  # checkpointing_steps=0: at the end
+
+
+def test_resuming_from_a_checkpoint_gives_the_losses_of_an_uninterrupted_run(tiny_checkpoint, dataset, tmp_path):
+    from training.train import train
+
+    changes = dict(
+        max_train_steps=6,
+        checkpointing_steps=2,
+        checkpoints_total_limit=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+        conditioning_dropout_prob=0.3,
+        random_flip=True,
+    )
+    whole = train(tiny_config(tiny_checkpoint, dataset, tmp_path / "whole", **changes))
+    kept = sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*"))
+    assert kept == ["checkpoint-4", "checkpoint-6"]  # the total limit deleted checkpoint-2
+
+    resumed = train(
+        tiny_config(
+            tiny_checkpoint, dataset, tmp_path / "resumed", **changes, resume=str(tmp_path / "whole" / "checkpoint-4")
+        )
+    )
+    assert len(resumed) == 2
+    np.testing.assert_allclose(resumed, whole[4:], rtol=0, atol=1e-6)
+    from safetensors.torch import load_file
+
+    final_whole = load_file(tmp_path / "whole" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    final_resumed = load_file(tmp_path / "resumed" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(final_whole[k], final_resumed[k], atol=1e-6) for k in final_whole)  # EMA too
+
+
+def test_resume_latest_picks_the_newest_checkpoint_and_a_finished_run_trains_no_more(
+    tiny_checkpoint, dataset, tmp_path
+):
+    from training.train import find_checkpoint, train
+
+    out = tmp_path / "run"
+    train(
+        tiny_config(
+            tiny_checkpoint,
+            dataset,
+            out,
+            max_train_steps=2,
+            checkpointing_steps=1,
+            use_ema=False,
+            gradient_checkpointing=True,
+        )
+    )
+    assert find_checkpoint(out, "latest") == out / "checkpoint-2"
+    assert find_checkpoint(tmp_path / "empty", "latest") is None
+    assert train(tiny_config(tiny_checkpoint, dataset, out, max_train_steps=2, use_ema=False, resume="latest")) == []
+
+
+def test_training_from_sd_writes_a_final_folder_that_loads_as_an_8_channel_ip2p_pipeline(
+    sd_checkpoint, dataset, tmp_path
+):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from training.train import train
+
+    out = tmp_path / "run"
+    train(tiny_config(sd_checkpoint, dataset, out, max_train_steps=2))
+
+    assert list((out / "final" / "unet").glob("*.safetensors"))
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(out / "final")
+    assert pipe.unet.config.in_channels == 8 and pipe.unet.conv_in.in_channels == 8
+    edited = pipe(
+        "invert the colors", image=gradient_image(0), num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert edited.size == (64, 64)

@@ -1,0 +1,184 @@
+"""`TrainConfig`: every knob of `itsd train` in one typed object.
+
+The defaults are the values the reference runs used (instruction-tuned-sd: 256 px, batch 2 x grad-accum 4,
+15000 steps, lr 5e-5 constant, EMA, gradient checkpointing, seed 42), except that conditioning dropout is on
+(0.05, as in diffusers' InstructPix2Pix README) because without it classifier-free guidance has nothing to
+contrast. Values come from, in rising precedence: the defaults, a TOML file (flat keys), `--set key=value`,
+then the dedicated CLI flags. An unknown key anywhere is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import PermanentError
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(PermanentError):
+    """A training config that names an unknown key or holds a value of the wrong type or range."""
+
+    code = "config"
+
+
+@dataclass
+class TrainConfig:
+    # --- inputs and outputs
+    pretrained: str = ""  # diffusers checkpoint folder: InstructPix2Pix (8-ch UNet) or SD (4-ch, widened)
+    dataset: str = ""  # a `datasets.save_to_disk` folder (e.g. from `itsd prepare`)
+    output_dir: str = "itsd-out/train"  # checkpoints, validation grids, TensorBoard logs, final/
+    resume: str = ""  # "" = fresh start, "latest" = newest checkpoint in output_dir, or a checkpoint path
+    # --- dataset schema (defaults: the low-level schema; cartoon data uses the three names in its comment)
+    original_image_column: str = "input_image"  # cartoon: "original_image"
+    edit_prompt_column: str = "instruction"  # cartoon: "edit_prompt"
+    edited_image_column: str = "ground_truth_image"  # cartoon: "cartoonized_image"
+    train_split: str = "train"  # when the folder holds a DatasetDict (as `itsd prepare` writes)
+    validation_split: str = "validation"  # validation rows come from here when present, else from train
+    instruction_choices_column: str = "instruction_choices"  # per-row paraphrase lists (`prepare`), if present
+    task_column: str = "task"  # rows are grouped by it for mixture weights and paraphrases; absent = one task
+    task_weights: dict[str, float] = field(default_factory=dict)  # share of samples per task; {} = by row count
+    instructions_dir: str = ""  # paraphrase files <task>.txt, one per line; "" = training/instructions
+    # --- images
+    resolution: int = 256  # training side in px (reference runs: 256); pairs share one resize and crop
+    center_crop: bool = False  # False = random crop (same box on input and target), as the reference
+    random_flip: bool = False  # a flip is a valid augmentation for most edits, but the reference ran without
+    # --- optimisation
+    train_batch_size: int = 2  # per device; with grad-accum 4 the reference's effective batch of 8
+    gradient_accumulation_steps: int = 4
+    max_train_steps: int = 15000  # optimizer steps
+    learning_rate: float = 5e-5  # reference runs; higher drifts a pretrained UNet fast
+    lr_scheduler: str = "constant"  # constant | cosine | linear (decay to 0 at max_train_steps)
+    lr_warmup_steps: int = 0  # linear warmup from 0, before the schedule
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2  # diffusers' default for its SD fine-tuning scripts
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # clip; 0 = off
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: less optimizer memory on GPU
+    conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
+    use_ema: bool = True  # EMA of UNet weights; the EMA weights are what final/ holds
+    ema_decay: float = 0.9999  # diffusers' EMAModel default (with its (1+t)/(10+t) warmup)
+    gradient_checkpointing: bool = True  # ~halves activation memory for ~30% more compute (reference: on)
+    mixed_precision: str = "auto"  # auto = bf16 (or fp16) on CUDA, fp32 on CPU; or no | fp16 | bf16
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; ignored on CPU
+    seed: int = 42  # reference runs; with it every draw (rows, crops, prompts, noise) is reproducible
+    dataloader_num_workers: int = 0  # image decoding and cropping processes; 0 = in the training process
+    # --- checkpoints, validation, logging
+    checkpointing_steps: int = 500  # save full training state every N steps; 0 = only at the end
+    checkpoints_total_limit: int = 3  # keep this many newest checkpoints; 0 = keep all
+    validation_steps: int = 1000  # run the pipeline on validation rows every N steps; 0 = off
+    num_validation_rows: int = 4  # rows spread evenly over the dataset
+    validation_inference_steps: int = 20  # as diffusers' training script
+    validation_guidance_scale: float = 7.0
+    validation_image_guidance_scale: float = 1.5
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.resolution <= 0 or self.resolution % 8:
+            problems.append(f"resolution must be a positive multiple of 8 (got {self.resolution})")
+        if not 0.0 <= self.conditioning_dropout_prob <= 1 / 3:
+            problems.append(f"conditioning_dropout_prob must be in [0, 1/3] (got {self.conditioning_dropout_prob})")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            problems.append(f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if any(weight < 0 for weight in self.task_weights.values()):
+            problems.append("task_weights must not be negative")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _check_type(key: str, value: object, expected: object) -> object:
+    """Return `value` as the field's type, or raise ConfigError. Ints are accepted for floats."""
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    else:  # dict[str, float]
+        ok = isinstance(value, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        )
+        value = {str(k): float(v) for k, v in value.items()} if ok else value
+    if not ok:
+        name = getattr(expected, "__name__", str(expected))
+        raise ConfigError(f"config key {key!r} must be {name}, got {value!r}")
+    return value
+
+
+def apply(config: TrainConfig, values: dict[str, object], source: str) -> TrainConfig:
+    """A copy of `config` with `values` set; unknown keys and wrong types raise ConfigError naming them."""
+    types = _field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown config key {', '.join(map(repr, unknown))} in {source}")
+    checked = {key: _check_type(key, value, types[key]) for key, value in values.items()}
+    return dataclasses.replace(config, **checked)
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """`key=value` from `--set`: strings are taken verbatim, other types are read as TOML values."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    types = _field_types()
+    if key not in types:
+        raise ConfigError(f"unknown config key {key!r} in --set")
+    if types[key] is str:
+        return key, raw
+    try:
+        return key, tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"--set {key}: cannot read {raw!r} as a value") from None
+
+
+def load_config(
+    path: Path | None = None, overrides: typing.Sequence[str] = (), flags: dict[str, object] | None = None
+) -> TrainConfig:
+    """Defaults, then the TOML file, then `--set` overrides, then the dedicated flags (None = not given)."""
+    config = TrainConfig()
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        config = apply(config, table, str(path))
+    config = apply(config, dict(parse_override(item) for item in overrides), "--set")
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    return apply(config, given, "flags")
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as TOML (flat keys), written next to checkpoints so a run records what it was."""
+    lines = []
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, dict):
+            inner = ", ".join(f'"{k}" = {float(v)!r}' for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, str):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{key} = "{escaped}"')
+        else:
+            lines.append(f"{key} = {value!r}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,222 @@
+"""Evaluation: edit every test row with every model, score it against its target, next to the input's score.
+
+The untouched input is the identity baseline: a model is only useful where it beats it, so each figure
+stands beside the same figure for the input, and `gain_db` is the difference. Where a teacher made the
+targets (cartoonization), the target *is* the teacher's output, so the figures read "how close to the
+teacher, compared with how close the input already was". Models are backends (`core.backends`), so an
+exported artifact folder and a training checkpoint are measured by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
+
+from core.edit import Backend, edit_image
+from core.params import EditParams
+from training.dataset import SCHEMAS, TASK_COLUMN, Schema
+from training.metrics import ClipScorer, psnr, ssim
+from training.train import as_pil
+
+TEACHER_TASKS = frozenset({"cartoonization"})  # targets a teacher made: figures are distances to its output
+REFERENCE = {True: "teacher output", False: "ground truth"}
+GRID_TILE = 256  # side of one grid cell in px; every image is fitted into it, aspect kept
+GRID_HEADER = 20  # px of column names above the grid
+EVAL_SEED = 0  # a seed when none is given, so evaluations are reproducible
+
+
+class EvaluationError(ValueError):
+    """A dataset, split or column that cannot be evaluated; the message says what to do."""
+
+
+@dataclass
+class TaskRecord:
+    """Everything kept for one task while the loop runs: per-row figures and the first rows' images."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    grid: list[list[Image.Image]] = field(default_factory=list)
+
+
+def load_split(dataset: Path, split: str) -> tuple[Any, str]:
+    """The rows of `split` of a `save_to_disk` folder, and the split's name ("all" for a single Dataset,
+    which is used whole)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(dataset))
+    except FileNotFoundError as exc:
+        raise EvaluationError(f"{dataset}: not a dataset saved with save_to_disk ({exc})") from None
+    if not isinstance(data, DatasetDict):
+        return data, "all"
+    if split not in data:
+        raise EvaluationError(f"{dataset} has no split {split!r}; available splits: {', '.join(data)}")
+    return data[split], split
+
+
+def detect_schema(columns: Sequence[str], overrides: Schema | None = None) -> Schema:
+    """The schema whose three columns the dataset has; `overrides` fields that are set win."""
+    found = next((s for s in SCHEMAS.values() if {s.input_column, s.target_column} <= set(columns)), None)
+    base = found or Schema("", "", "")
+    if overrides:
+        base = Schema(
+            overrides.input_column or base.input_column,
+            overrides.instruction_column or base.instruction_column,
+            overrides.target_column or base.target_column,
+        )
+    missing = [name or "?" for name in (base.input_column, base.target_column) if name not in columns]
+    if missing:
+        raise EvaluationError(
+            f"cannot find the image columns ({', '.join(missing)}) among {', '.join(columns)}; "
+            "name them with --original-image-column and --edited-image-column"
+        )
+    return base
+
+
+def task_of(row: dict[str, Any], schema: Schema) -> str:
+    if row.get(TASK_COLUMN):
+        return str(row[TASK_COLUMN])
+    return "cartoonization" if schema == SCHEMAS["cartoonization"] else "all"
+
+
+def score(output: Image.Image, target: Image.Image) -> dict[str, float]:
+    a, b = np.asarray(output), np.asarray(target)
+    return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+
+
+def evaluate(
+    rows: Any,
+    schema: Schema,
+    models: dict[str, Backend],
+    params: EditParams,
+    *,
+    instruction: str | None = None,
+    clip: ClipScorer | None = None,
+    grid_rows: int = 8,
+    quiet: bool = False,
+) -> tuple[dict[str, Any], dict[str, list[list[Image.Image]]]]:
+    """Score every row with every model. Returns (report without run metadata, grid images per task)."""
+    params = params if params.seed is not None else replace(params, seed=EVAL_SEED)
+    tasks: dict[str, TaskRecord] = {}
+    progress = tqdm(total=len(rows) * len(models), unit="edit", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    for index, row in enumerate(rows):
+        source, target = as_pil(row[schema.input_column]), as_pil(row[schema.target_column])
+        if target.size != source.size:  # prepared datasets are aligned; others are scored at the input's size
+            target = target.resize(source.size, Image.Resampling.BICUBIC)
+        text = instruction or str(row.get(schema.instruction_column) or "")
+        record = tasks.setdefault(task_of(row, schema), TaskRecord())
+        figures: dict[str, Any] = {"index": index, "instruction": text, "identity": score(source, target), "models": {}}
+        images = [source]
+        for name, backend in models.items():
+            output = edit_image(backend, source, text, params).image
+            figures["models"][name] = score(output, target)
+            if clip is not None:
+                figures["models"][name]["clip_image"] = clip.image_similarity(source, output)
+                figures["models"][name]["clip_direction"] = clip.direction_similarity(source, output, text)
+            images.append(output)
+            progress.update()
+        record.rows.append(figures)
+        if len(record.grid) < grid_rows:
+            record.grid.append([*images, target])
+    progress.close()
+    report = {
+        "models": list(models),
+        "params": params.to_dict(),
+        "tasks": {task: summarize(task, record.rows, list(models)) for task, record in tasks.items()},
+        "per_row": [{"task": task, **r} for task, record in tasks.items() for r in record.rows],
+    }
+    return report, {task: record.grid for task, record in tasks.items()}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize(task: str, rows: list[dict[str, Any]], model_names: list[str]) -> dict[str, Any]:
+    """Per-task means: each model's figures, the identity baseline's, and the gains over it."""
+    identity = {key: _mean([r["identity"][key] for r in rows]) for key in ("psnr", "ssim")}
+    summary: dict[str, Any] = {
+        "count": len(rows),
+        "reference": REFERENCE[task in TEACHER_TASKS],
+        "identity": identity,
+        "models": {},
+    }
+    for name in model_names:
+        keys = rows[0]["models"][name].keys()
+        means = {key: _mean([r["models"][name][key] for r in rows]) for key in keys}
+        means["gain_db"] = means["psnr"] - identity["psnr"]
+        means["ssim_gain"] = means["ssim"] - identity["ssim"]
+        summary["models"][name] = means
+    return summary
+
+
+def _cell(value: float, digits: int, sign: bool = False) -> str:
+    return f"{value:+.{digits}f}" if sign and math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """task | model | PSNR | SSIM | input PSNR | input SSIM | gain dB | target (+ CLIP columns when measured)."""
+    with_clip = any("clip_image" in m for t in report["tasks"].values() for m in t["models"].values())
+    header = ["task", "model", "PSNR", "SSIM", "input PSNR", "input SSIM", "gain dB", "target"]
+    header += ["CLIP image", "CLIP direction"] if with_clip else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for task, summary in report["tasks"].items():
+        identity = summary["identity"]
+        for name, m in summary["models"].items():
+            cells = [task, name, _cell(m["psnr"], 2), _cell(m["ssim"], 4), _cell(identity["psnr"], 2)]
+            cells += [_cell(identity["ssim"], 4), _cell(m["gain_db"], 2, sign=True), summary["reference"]]
+            cells += [_cell(m["clip_image"], 4), _cell(m["clip_direction"], 4)] if with_clip else []
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fit(image: Image.Image) -> Image.Image:
+    tile = Image.new("RGB", (GRID_TILE, GRID_TILE), "white")
+    fitted = ImageOps.contain(image, (GRID_TILE, GRID_TILE), Image.Resampling.LANCZOS)
+    tile.paste(fitted, ((GRID_TILE - fitted.width) // 2, (GRID_TILE - fitted.height) // 2))
+    return tile
+
+
+def make_grid(rows: list[list[Image.Image]], names: Sequence[str]) -> Image.Image:
+    """One row per example (input | model... | target) under a header of column names."""
+    grid = Image.new("RGB", (len(names) * GRID_TILE, GRID_HEADER + len(rows) * GRID_TILE), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, name in enumerate(names):
+        draw.text((column * GRID_TILE + 4, 4), name, fill="black")
+    for r, images in enumerate(rows):
+        for column, image in enumerate(images):
+            grid.paste(_fit(image), (column * GRID_TILE, GRID_HEADER + r * GRID_TILE))
+    return grid
+
+
+def _json_safe(value: Any) -> Any:
+    """inf and nan (identical images, empty means) as the strings "inf"/"nan": strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(out: Path, report: dict[str, Any], grids: dict[str, list[list[Image.Image]]]) -> list[Path]:
+    """Write metrics.json, metrics.md and grids/<task>.png under `out`; returns the grid paths."""
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    (out / "metrics.md").write_text(markdown_table(report))
+    names = ["input", *report["models"], "target"]
+    paths = []
+    for task, rows in grids.items():
+        path = out / "grids" / f"{task.replace('/', '_')}.png"
+        make_grid(rows, names).save(path)
+        paths.append(path)
+    return paths
