@@ -72,3 +72,7 @@ def itsd(verbose: int) -> None:
 
 def main() -> None:
     itsd(prog_name="itsd")
+
+
+if __name__ == "__main__":  # `python -m producer.cli`, e.g. under `accelerate launch -m`
+    main()
