@@ -38,6 +38,8 @@ def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
         raise InputNotFound("no such file") from None
     except IsADirectoryError:
         raise InputNotFound("a folder, not an image") from None
+    except OSError as exc:
+        raise InputNotFound(f"cannot read: {exc.strerror or exc}") from None
     return decode_image(data, max_pixels=max_pixels)
 
 
@@ -56,12 +58,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                     f"{max_pixels / 1e6:.1f} MP (raise ITSD_MAX_PIXELS to allow it)"
                 )
             image.load()
+            image = ImageOps.exif_transpose(image)  # malformed EXIF fails here, as an invalid image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(str(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise InvalidImage(f"cannot decode: {reason}") from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

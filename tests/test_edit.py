@@ -123,3 +123,22 @@ def test_the_instruction_is_encoded_once_per_process(tiny_artifacts, monkeypatch
     for seed in range(3):
         edit_image(pipeline, photo(64, 64), "Cartoonize the image", EditParams(steps=1, seed=seed))
     assert calls == [["Cartoonize the image"], [""]]
+
+
+def test_an_output_that_cannot_be_written_fails_alone(tiny_artifacts, tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    photo(64, 64).save(tmp_path / "in" / "sub" / "a.png")
+    photo(64, 64).save(tmp_path / "in" / "b.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sub").write_text("a file where the output folder should be")
+    result = run_edit(tmp_path / "in", "--model", tiny_artifacts, "--out", tmp_path / "out", "-i", "x", "--steps", "1")
+    assert result.exit_code == 1 and "cannot write output" in result.output and "1 failed" in result.output
+    assert (tmp_path / "out" / "b.png").is_file()
+
+
+def test_a_runtime_failure_in_onnx_runtime_is_a_transient_provider_error(tiny_artifacts):
+    from core.errors import ProviderError
+
+    pipeline = OnnxEditPipeline(tiny_artifacts)
+    with pytest.raises(ProviderError, match="unet"):
+        pipeline._run("unet", sample=np.zeros((1, 3, 8, 8), np.float32))  # wrong inputs

@@ -68,9 +68,10 @@ def edit(
             image = read_image_file(item.path, settings.max_pixels)
             result = edit_image(pipeline, image, instruction, params)
             write_atomic(out / item.relative, encode_image(result.image, item.relative.name))
-        except ItsdError as exc:
+        except (ItsdError, OSError) as exc:  # OSError: the output could not be written
             failures += 1
-            progress.write(f"failed: {item.path}: {exc}", file=sys.stderr)
+            reason = exc if isinstance(exc, ItsdError) else f"cannot write output: {exc.strerror or exc}"
+            progress.write(f"failed: {item.path}: {reason}", file=sys.stderr)
     done = len(inputs) - failures
     click.echo(
         f"edited {done}/{len(inputs)} image(s) into {out} in {time.perf_counter() - start:.1f} s"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from core.edit import initial_latents
-from core.errors import InvalidModel
+from core.errors import InvalidModel, ProviderError
 from core.images import to_uint8
 from core.manifest import COMPONENTS, SCHEDULER_FILE, TOKENIZER_DIR, Manifest
 from core.params import EditParams
@@ -66,7 +66,10 @@ class OnnxEditPipeline:
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        output = self.sessions[name].run(None, inputs)[0]
+        try:
+            output = self.sessions[name].run(None, inputs)[0]
+        except Exception as exc:  # onnxruntime's errors (device OOM, provider faults) share no base class
+            raise ProviderError(f"{name}: {str(exc).splitlines()[0]}") from exc
         self.timings[name] += time.perf_counter() - start
         return output
 
