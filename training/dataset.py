@@ -20,7 +20,7 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from PIL import Image as PILImage
 
 from core.errors import InvalidImage
-from core.images import encode_image
+from core.images import decode_image, encode_image, read_image_file, to_rgb
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,16 @@ class DatasetWriter:
         else:
             empty = {split: 1 for split, ds in splits.items() if len(ds) == 0}  # 0 shards would not load back
             DatasetDict(splits).save_to_disk(str(self.out), num_shards=empty)
+
+
+def as_pil(value: object) -> PILImage.Image:
+    """A dataset cell as an RGB image: a PIL image (datasets' Image feature), {bytes|path}, or a path."""
+    if isinstance(value, PILImage.Image):
+        return to_rgb(value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return decode_image(value["bytes"])
+    if isinstance(value, dict) and value.get("path"):
+        return read_image_file(Path(value["path"]))
+    if isinstance(value, str | Path):
+        return read_image_file(Path(value))
+    raise InvalidImage(f"cannot read an image from a dataset cell of type {type(value).__name__}")

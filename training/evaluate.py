@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from core.edit import Backend, edit_image
 from core.params import EditParams
-from training.dataset import SCHEMAS, TASK_COLUMN, Schema
+from training.dataset import SCHEMAS, TASK_COLUMN, Schema, as_pil
 from training.metrics import ClipScorer, psnr, ssim
-from training.train import as_pil
 
 TEACHER_TASKS = frozenset({"cartoonization"})  # targets a teacher made: figures are distances to its output
 REFERENCE = {True: "teacher output", False: "ground truth"}

@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from core.errors import InvalidModel
-from core.images import decode_image, read_image_file, to_rgb
 from training.config import ConfigError, TrainConfig, to_toml
+from training.dataset import as_pil
 from training.templates import load_templates
 
 log = logging.getLogger(__name__)
@@ -543,19 +543,6 @@ class PairDataset(torch.utils.data.Dataset):
             "edited": torch.stack([item["edited"] for item in items]),
             "input_ids": tokenize(self.tokenizer, [item["instruction"] for item in items]),
         }
-
-
-def as_pil(value: object) -> Image.Image:
-    """A dataset cell as an RGB image: a PIL image (datasets' Image feature), {bytes|path}, or a path."""
-    if isinstance(value, Image.Image):
-        return to_rgb(value)
-    if isinstance(value, dict) and value.get("bytes"):
-        return decode_image(value["bytes"])
-    if isinstance(value, dict) and value.get("path"):
-        return read_image_file(Path(value["path"]))
-    if isinstance(value, str | Path):
-        return read_image_file(Path(value))
-    raise ConfigError(f"cannot read an image from a dataset cell of type {type(value).__name__}")
 
 
 def crop_pair(
