@@ -31,7 +31,10 @@ from core.errors import ItsdError
 def export(source: str, out: Path, dtype: str, verify: bool, overwrite: bool, quiet: bool) -> None:
     """Export the InstructPix2Pix checkpoint SRC (a diffusers folder, or a Hub id when online) to ONNX
     artifacts in OUT: one graph per component, tokenizer, scheduler config and manifest.json."""
-    from export.exporter import export_checkpoint
+    try:
+        from export.exporter import export_checkpoint
+    except ImportError as exc:
+        raise click.ClickException(f"`itsd export` needs {exc.name}: pip install 'itsd[export]'") from None
 
     start = time.perf_counter()
     try:

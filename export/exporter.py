@@ -19,6 +19,7 @@ import torch
 
 from core.errors import ExportFailed, ParityError
 from core.manifest import COMPONENTS, TOKENIZER_DIR, Manifest
+from core.storage import usual_mode
 from export import checkpoint, verify
 from export.components import OPSET, example_inputs, export_component, wrap
 from export.reference import TorchEditPipeline
@@ -83,6 +84,7 @@ def _staging_folder(out: Path) -> Path:
 
 def _publish(staging: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after the swap."""
+    staging.chmod(usual_mode(directory=True))  # mkdtemp made it private
     retired = None
     if out.exists():
         retired = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")

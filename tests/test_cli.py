@@ -47,3 +47,16 @@ def test_the_worker_pipeline_and_edit_command_load_without_torch_or_diffusers():
 def test_an_unknown_command_is_a_usage_error():
     result = CliRunner().invoke(itsd, ["frobnicate"])
     assert result.exit_code == 2 and "No such command" in result.output
+
+
+def test_export_without_torch_installed_says_which_extra_to_install(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as on a worker install: importing torch fails\n"
+        "from producer.cli import main\n"
+        f"sys.argv = ['itsd', 'export', {str(tmp_path)!r}, {str(tmp_path / 'out')!r}]\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["Error: `itsd export` needs torch: pip install 'itsd[export]'"]

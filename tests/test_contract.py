@@ -128,3 +128,17 @@ def test_output_keys_cannot_escape_the_destination(bad):
     with pytest.raises(InvalidParameters):
         safe_relative(bad)
     assert safe_relative("a/b.png") == PurePosixPath("a/b.png")
+
+
+def test_atomic_writes_leave_no_temporary_and_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from core.storage import usual_mode, write_atomic
+
+    write_atomic(tmp_path / "a" / "b.png", b"data")
+    assert (tmp_path / "a" / "b.png").read_bytes() == b"data"
+    assert os.listdir(tmp_path / "a") == ["b.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a" / "b.png").stat().st_mode) == 0o666 & ~umask == usual_mode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import onnx
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from core.errors import InvalidModel
 from core.manifest import COMPONENTS, Manifest
+from core.storage import usual_mode
 from export.checkpoint import load_pipeline
 from export.components import export_component, wrap
 from producer.cli import itsd
@@ -32,6 +34,7 @@ def test_export_writes_every_component_and_a_manifest_with_parity_over_40_db(tin
         json.loads((tiny_artifacts / "scheduler_config.json").read_text())["_class_name"]
         == "EulerAncestralDiscreteScheduler"
     )
+    assert stat.S_IMODE(tiny_artifacts.stat().st_mode) == usual_mode(directory=True)  # readable by a worker
     unet_profile = manifest.tensorrt_profiles["unet"]["sample"]
     assert unet_profile["opt"] == [3, 8, 64, 64] and unet_profile["min"][0] == 1
 
