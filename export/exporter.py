@@ -84,7 +84,8 @@ def _staging_folder(out: Path) -> Path:
 
 def _publish(staging: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after the swap."""
-    staging.chmod(usual_mode(directory=True))  # mkdtemp made it private
+    for path in [staging, *staging.rglob("*")]:  # mkdtemp and onnx's external-data writer make them private
+        path.chmod(usual_mode(directory=path.is_dir()))
     retired = None
     if out.exists():
         retired = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
