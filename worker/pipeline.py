@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from core.edit import initial_latents
 from core.errors import InvalidModel, ProviderError
@@ -40,7 +41,7 @@ class OnnxEditPipeline:
         self.scheduler_config = json.loads((folder / SCHEDULER_FILE).read_text())
         self.tokenizer = ClipTokenizer(folder / TOKENIZER_DIR / "tokenizer.json", m.max_text_length, m.pad_token_id)
         self.dtypes = {name: _NUMPY_DTYPES[dtype] for name, dtype in m.component_dtypes.items()}
-        self.sessions = {}
+        self.sessions: dict[str, ort.InferenceSession] = {}
         for name, spec in COMPONENTS.items():
             chosen = providers.choose(
                 provider_names or settings.providers,
@@ -59,10 +60,6 @@ class OnnxEditPipeline:
     @classmethod
     def load(cls, model: str) -> OnnxEditPipeline:
         return cls(Path(model))
-
-    @property
-    def providers(self) -> list[str]:
-        return self.sessions["unet"].get_providers()
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
