@@ -6,9 +6,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import InvalidParameters
 from core.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+    value = env.get(name, str(default))
+    if not value.isdigit() or int(value) <= 0:
+        raise InvalidParameters(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _cache_home() -> Path:
@@ -28,7 +36,7 @@ class Settings:
         providers = env.get("ITSD_PROVIDERS")
         return cls(
             broker_url=env.get("ITSD_BROKER_URL") or None,
-            max_pixels=int(env.get("ITSD_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+            max_pixels=_positive_int(env, "ITSD_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else DEFAULT_PROVIDERS,
             cache_dir=Path(env["ITSD_CACHE_DIR"]) if env.get("ITSD_CACHE_DIR") else _cache_home(),
         )

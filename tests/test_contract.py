@@ -86,6 +86,12 @@ def test_settings_read_the_environment():
     assert (settings.max_pixels, settings.cache_dir) == (1000, Path("/tmp/c"))
 
 
+@pytest.mark.parametrize("value", ["lots", "-5", "0", "1e6"])
+def test_a_malformed_setting_is_a_clear_error(value):
+    with pytest.raises(InvalidParameters, match="ITSD_MAX_PIXELS"):
+        Settings.from_env({"ITSD_MAX_PIXELS": value})
+
+
 def test_every_component_declares_its_dynamic_axes():
     unet = COMPONENTS["unet"]
     assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]

@@ -52,6 +52,7 @@ def train(cfg: TrainConfig) -> list[float]:
         raise ConfigError("no pretrained checkpoint: set `pretrained` (or --pretrained)")
     if not cfg.dataset:
         raise ConfigError("no dataset: set `dataset` (or --dataset)")
+    rows, held_out = load_rows(cfg)  # before loading models: a bad dataset fails in a second, not a minute
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     set_seed(cfg.seed)  # torch/numpy/python global RNGs; our own draws use step-keyed generators
@@ -84,7 +85,6 @@ def train(cfg: TrainConfig) -> list[float]:
     optimizer = make_optimizer(unet.parameters(), cfg)
 
     # ---- data: a weighted mixture over tasks, step-keyed so that resuming replays nothing and skips nothing
-    rows, held_out = load_rows(cfg)
     pairs = PairDataset(rows, cfg, tokenizer)
     weights = row_weights(pairs.tasks, cfg.task_weights)
     validation = []

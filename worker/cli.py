@@ -55,13 +55,14 @@ def edit(
     if not instruction.strip():
         raise click.BadParameter("the instruction is empty", param_hint="--instruction")
     try:
+        settings = Settings.from_env()
         inputs = expand(list(images))
         pipeline = load_backend(model, backend)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     if not inputs:
         raise click.ClickException(f"no images found in {' '.join(images)}")
-    settings, failures, start = Settings.from_env(), 0, time.perf_counter()
+    failures, start = 0, time.perf_counter()
     progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for item in progress:
         try:
