@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from diffusers import AutoencoderKL
 
 from core.manifest import ComponentSpec
 
@@ -32,7 +33,7 @@ class TextEncoder(torch.nn.Module):
 class VaeEncoder(torch.nn.Module):
     """Image -> the latent distribution's mode (its mean), unscaled: what IP2P conditions on."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
         self.vae = vae
 
@@ -41,7 +42,7 @@ class VaeEncoder(torch.nn.Module):
 
 
 class VaeDecoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
         self.vae = vae
 

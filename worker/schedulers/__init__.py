@@ -21,8 +21,12 @@ from worker.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscre
 class Scheduler(Protocol):
     """What the denoising loop calls. `step_index` is the loop counter 0..N-1, not the timestep value."""
 
-    init_noise_sigma: float
     timesteps: np.ndarray  # float32, one per step: the values passed to the UNet as `timestep`
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The scale of the initial noise (valid after `set_timesteps`)."""
+        ...
 
     def set_timesteps(self, num_inference_steps: int) -> None: ...
 
