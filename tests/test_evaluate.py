@@ -183,3 +183,36 @@ def test_a_missing_split_exits_non_zero_listing_the_available_ones(
     result = run(dataset, "--model", tiny_checkpoint, "--split", "validation", "--out", tmp_path, "--quiet")
     assert result.exit_code != 0
     assert "validation" in result.output and "train, test" in result.output
+
+
+def test_teacher_made_targets_are_reported_as_distances_to_the_teacher(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A cartoonization-schema Dataset (not a DatasetDict) is evaluated whole against the teacher's outputs."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from training.teachers import cartoon
+
+    inputs = [photo(64, 64, seed=i) for i in range(2)]
+    columns = {
+        "original_image": inputs,
+        "edit_prompt": ["Cartoonize the image"] * 2,
+        "cartoonized_image": [Image.fromarray(cartoon(np.asarray(image))) for image in inputs],
+        "task": ["cartoonization"] * 2,
+    }
+    features = Features(
+        {
+            "original_image": ImageFeature(),
+            "edit_prompt": Value("string"),
+            "cartoonized_image": ImageFeature(),
+            "task": Value("string"),
+        }
+    )
+    Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "cartoons"))
+    result = run(
+        tmp_path / "cartoons", "--model", f"tiny={tiny_artifacts}", "--out", tmp_path / "out", "--steps", 1, "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| cartoonization | tiny |" in table and "teacher output" in table
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["split"] == "all"
