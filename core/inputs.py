@@ -71,3 +71,13 @@ def safe_relative(relative: Path | PurePosixPath | str) -> PurePosixPath:
     if pure.is_absolute() or ".." in pure.parts or not pure.parts or str(pure) == ".":
         raise InvalidParameters(f"{relative}: output path would escape the destination folder")
     return pure
+
+
+def check_destination(inputs: list[InputFile], destination: Path) -> None:
+    """Refuse a destination where an output would replace its own input (e.g. --out set to the input folder)."""
+    root = destination.resolve()
+    for item in inputs:
+        if (root / item.relative).resolve() == item.path.resolve():
+            raise InvalidParameters(
+                f"writing to {destination} would overwrite the input {item.path}; choose another folder"
+            )

@@ -142,3 +142,17 @@ def test_a_runtime_failure_in_onnx_runtime_is_a_transient_provider_error(tiny_ar
     pipeline = OnnxEditPipeline(tiny_artifacts)
     with pytest.raises(ProviderError, match="unet"):
         pipeline._run("unet", sample=np.zeros((1, 3, 8, 8), np.float32))  # wrong inputs
+
+
+def test_an_output_folder_that_would_overwrite_the_inputs_is_refused(tiny_artifacts, tmp_path):
+    photo(64, 64).save(tmp_path / "a.png")
+    before = (tmp_path / "a.png").read_bytes()
+    result = run_edit(tmp_path, "--model", tiny_artifacts, "--out", tmp_path, "-i", "x", "--steps", "1")
+    assert result.exit_code == 1 and "would overwrite the input" in result.output
+    assert (tmp_path / "a.png").read_bytes() == before
+
+
+def test_a_folder_with_no_images_is_one_clear_error(tiny_artifacts, tmp_path):
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    result = run_edit(tmp_path, "--model", tiny_artifacts, "--out", tmp_path / "out", "-i", "x")
+    assert result.exit_code == 1 and "no images found" in result.output

@@ -13,7 +13,7 @@ from core.backends import BACKENDS, load_backend
 from core.edit import edit_image
 from core.errors import ItsdError
 from core.images import encode_image, read_image_file
-from core.inputs import expand
+from core.inputs import check_destination, expand
 from core.options import edit_options
 from core.params import EditParams
 from core.settings import Settings
@@ -57,11 +57,12 @@ def edit(
     try:
         settings = Settings.from_env()
         inputs = expand(list(images))
+        if not inputs:
+            raise click.ClickException(f"no images found in {' '.join(images)}")
+        check_destination(inputs, out)
         pipeline = load_backend(model, backend)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
-    if not inputs:
-        raise click.ClickException(f"no images found in {' '.join(images)}")
     failures, start = 0, time.perf_counter()
     progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for item in progress:
