@@ -156,3 +156,12 @@ def test_a_folder_with_no_images_is_one_clear_error(tiny_artifacts, tmp_path):
     (tmp_path / "notes.txt").write_text("no pictures here")
     result = run_edit(tmp_path, "--model", tiny_artifacts, "--out", tmp_path / "out", "-i", "x")
     assert result.exit_code == 1 and "no images found" in result.output
+
+
+def test_skip_existing_resumes_without_recomputing_finished_images(tiny_artifacts, photos, tmp_path):
+    first = run_edit(photos / "a.png", "--model", tiny_artifacts, "--out", tmp_path, "-i", "x", "--steps", "1")
+    assert first.exit_code == 0, first.output
+    stamp = (tmp_path / "a.png").stat().st_mtime_ns
+    again = run_edit(photos, "--model", tiny_artifacts, "--out", tmp_path, "-i", "x", "--steps", "1", "--skip-existing")
+    assert again.exit_code == 0 and "edited 1/1" in again.output and "1 already done" in again.output
+    assert (tmp_path / "a.png").stat().st_mtime_ns == stamp and (tmp_path / "trip" / "b.jpg").is_file()

@@ -46,9 +46,17 @@ from core.storage import write_atomic
     show_default=True,
     help="onnx: the artifacts a worker runs; torch: the diffusers pipeline, as a baseline.",
 )
+@click.option("--skip-existing", is_flag=True, help="Leave images whose output exists alone (resume a run).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def edit(
-    images: tuple[str, ...], model: str, instruction: str, out: Path, params: EditParams, backend: str, quiet: bool
+    images: tuple[str, ...],
+    model: str,
+    instruction: str,
+    out: Path,
+    params: EditParams,
+    backend: str,
+    skip_existing: bool,
+    quiet: bool,
 ) -> None:
     """Edit IMAGE... (files, folders, globs) by INSTRUCTION. A bad image is reported and skipped;
     the exit status is 1 if any image failed."""
@@ -60,7 +68,9 @@ def edit(
         if not inputs:
             raise click.ClickException(f"no images found in {' '.join(images)}")
         check_destination(inputs, out)
-        pipeline = load_backend(model, backend)
+        skipped = [item for item in inputs if skip_existing and (out / item.relative).exists()]
+        inputs = [item for item in inputs if item not in skipped]
+        pipeline = load_backend(model, backend) if inputs else None
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     failures, start = 0, time.perf_counter()
@@ -77,6 +87,7 @@ def edit(
     done = len(inputs) - failures
     click.echo(
         f"edited {done}/{len(inputs)} image(s) into {out} in {time.perf_counter() - start:.1f} s"
+        + (f"; {len(skipped)} already done" if skipped else "")
         + (f"; {failures} failed" if failures else "")
     )
     if failures:
