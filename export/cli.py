@@ -31,10 +31,7 @@ from core.errors import ItsdError
 def export(source: str, out: Path, dtype: str, verify: bool, overwrite: bool, quiet: bool) -> None:
     """Export the InstructPix2Pix checkpoint SRC (a diffusers folder, or a Hub id when online) to ONNX
     artifacts in OUT: one graph per component, tokenizer, scheduler config and manifest.json."""
-    try:
-        from export.exporter import export_checkpoint
-    except ImportError as exc:
-        raise click.ClickException(f"`itsd export` needs {exc.name}: pip install 'itsd[export]'") from None
+    from export.exporter import export_checkpoint  # torch: a missing extra is explained by the root group
 
     start = time.perf_counter()
     try:

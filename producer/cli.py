@@ -1,11 +1,13 @@
 """The `itsd` root group. Subcommands live with the part that owns them and load on first use, so
-`itsd --help` is fast and a worker install that has no torch still runs `itsd worker`."""
+`itsd --help` is fast and a worker install that has no torch still runs `itsd edit`. A command that
+needs a package its install lacks (at import or when it runs) says which extra to install."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import click
 
@@ -37,22 +39,50 @@ COMMANDS: dict[str, Entry] = {
 }
 
 
+OWN_PACKAGES = frozenset({"core", "worker", "producer", "export", "training"})  # a missing one is a bug, not an extra
+
+
+def _missing_extra(cmd_name: str, exc: ImportError) -> click.ClickException:
+    return click.ClickException(
+        f"`itsd {cmd_name}` needs {exc.name}, which this install lacks: pip install 'itsd[{COMMANDS[cmd_name].extra}]'"
+    )
+
+
+def _explain_missing_packages(cmd_name: str, command: click.Command) -> click.Command:
+    """Wrap the command's callback: a third-party module missing at run time becomes the one-line hint."""
+    callback = command.callback
+    if callback is None:
+        return command
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] in OWN_PACKAGES:
+                raise
+            raise _missing_extra(cmd_name, exc) from None
+
+    command.callback = run
+    return command
+
+
+@functools.cache
+def _load(cmd_name: str) -> click.Command:
+    module_name, attribute = COMMANDS[cmd_name].target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _missing_extra(cmd_name, exc) from None
+    return _explain_missing_packages(cmd_name, getattr(module, attribute))
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
-            return None
-        entry = COMMANDS[cmd_name]
-        module_name, attribute = entry.target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise click.ClickException(
-                f"`itsd {cmd_name}` needs packages this install lacks ({exc.name}): pip install 'itsd[{entry.extra}]'"
-            ) from None
-        return getattr(module, attribute)
+        return _load(cmd_name) if cmd_name in COMMANDS else None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -49,14 +49,20 @@ def test_an_unknown_command_is_a_usage_error():
     assert result.exit_code == 2 and "No such command" in result.output
 
 
-def test_export_without_torch_installed_says_which_extra_to_install(tmp_path):
+@pytest.mark.parametrize(("command", "extra"), [("export", "export"), ("train", "train")])
+def test_a_command_without_torch_installed_says_which_extra_to_install(tmp_path, command, extra):
+    args = {
+        "export": [str(tmp_path), str(tmp_path / "out")],
+        "train": ["--pretrained", str(tmp_path), "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o")],
+    }
     code = (
         "import sys\n"
         "sys.modules['torch'] = None  # as on a worker install: importing torch fails\n"
         "from producer.cli import main\n"
-        f"sys.argv = ['itsd', 'export', {str(tmp_path)!r}, {str(tmp_path / 'out')!r}]\n"
+        f"sys.argv = ['itsd', {command!r}, *{args[command]!r}]\n"
         "main()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["Error: `itsd export` needs torch: pip install 'itsd[export]'"]
+    expected = f"Error: `itsd {command}` needs torch, which this install lacks: pip install 'itsd[{extra}]'"
+    assert result.stderr.strip().splitlines() == [expected]
