@@ -29,6 +29,14 @@ class Schema:
     instruction_column: str
     target_column: str
 
+    def override(self, input_column: str | None, instruction_column: str | None, target_column: str | None) -> Schema:
+        """This schema with the column names that are given (not None or empty) put in."""
+        return Schema(
+            input_column or self.input_column,
+            instruction_column or self.instruction_column,
+            target_column or self.target_column,
+        )
+
 
 SCHEMAS = {
     "cartoonization": Schema("original_image", "edit_prompt", "cartoonized_image"),
@@ -75,8 +83,10 @@ class Crop:
     resize: bool = True  # short side to `size` first; off: crop patches at native scale (keeps noise statistics)
 
 
-def aligned_crop(images: list[np.ndarray], crop: Crop, rng: np.random.Generator) -> list[np.ndarray]:
-    """Resize and crop every image with the same box, so an input and its target stay pixel-aligned."""
+def aligned_crop(images: list[np.ndarray], crop: Crop, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Resize and crop every image with the same box, so an input and its target stay pixel-aligned.
+
+    `rng` places a random box; a centre crop or none needs no rng."""
     height, width = images[0].shape[:2]
     for image in images[1:]:
         if image.shape[:2] != (height, width):
@@ -90,6 +100,8 @@ def aligned_crop(images: list[np.ndarray], crop: Crop, rng: np.random.Generator)
     if crop.mode == "none":
         return images
     if crop.mode == "random":
+        if rng is None:
+            raise ValueError("a random crop needs an rng")
         top, left = int(rng.integers(height - crop.size + 1)), int(rng.integers(width - crop.size + 1))
     else:
         top, left = (height - crop.size) // 2, (width - crop.size) // 2

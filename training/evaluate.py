@@ -66,11 +66,7 @@ def detect_schema(columns: Sequence[str], overrides: Schema | None = None) -> Sc
     found = next((s for s in SCHEMAS.values() if {s.input_column, s.target_column} <= set(columns)), None)
     base = found or Schema("", "", "")
     if overrides:
-        base = Schema(
-            overrides.input_column or base.input_column,
-            overrides.instruction_column or base.instruction_column,
-            overrides.target_column or base.target_column,
-        )
+        base = base.override(overrides.input_column, overrides.instruction_column, overrides.target_column)
     missing = [name or "?" for name in (base.input_column, base.target_column) if name not in columns]
     if missing:
         raise EvaluationError(

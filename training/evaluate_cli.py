@@ -19,6 +19,7 @@ from training.dataset import Schema
 from training.evaluate import EvaluationError, detect_schema, load_split, write_report
 from training.evaluate import evaluate as run_evaluation
 from training.metrics import ClipScorer, ClipUnavailable, load_clip
+from training.prepare_cli import column_name_options
 
 
 def parse_models(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -85,9 +86,7 @@ def clip_or_reason(path: Path | None) -> tuple[ClipScorer | None, str]:
     default=None,
     help="Force a backend. [default: onnx for an artifact folder, torch for a checkpoint]",
 )
-@click.option("--original-image-column", help="Name of the input image column. [default: from the schema]")
-@click.option("--edit-prompt-column", help="Name of the instruction column. [default: from the schema]")
-@click.option("--edited-image-column", help="Name of the target image column. [default: from the schema]")
+@column_name_options
 @edit_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(dataset: Path, models: dict[str, str], out: Path, params: EditParams, **options: Any) -> None:

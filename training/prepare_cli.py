@@ -27,7 +27,6 @@ from training.dataset import (
     TASK_COLUMN,
     Crop,
     DatasetWriter,
-    Schema,
     features,
     png,
     schema_for,
@@ -171,6 +170,11 @@ split_options = bundle(
         help="Share of photos in the test split.",
     ),
 )
+column_name_options = bundle(  # also `itsd evaluate`'s, so both name columns the same way
+    click.option("--original-image-column", help="Name of the input image column. [default: the schema's]"),
+    click.option("--edit-prompt-column", help="Name of the instruction column. [default: the schema's]"),
+    click.option("--edited-image-column", help="Name of the target image column. [default: the schema's]"),
+)
 column_options = bundle(
     click.option(
         "--schema",
@@ -178,9 +182,7 @@ column_options = bundle(
         type=click.Choice(sorted(SCHEMAS)),
         help="Column names of the blog's public datasets. Default: cartoonization for that task only.",
     ),
-    click.option("--original-image-column", help="Name of the input image column."),
-    click.option("--edit-prompt-column", help="Name of the instruction column."),
-    click.option("--edited-image-column", help="Name of the target image column."),
+    column_name_options,
     click.option(
         "--format",
         "fmt",
@@ -293,11 +295,7 @@ def run(
         raise click.ClickException(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     templates = {task: load_templates(task, templates_dir) for task in source.tasks}
     base = SCHEMAS[schema_name or schema_for(list(source.tasks))]
-    schema = Schema(
-        original_image_column or base.input_column,
-        edit_prompt_column or base.instruction_column,
-        edited_image_column or base.target_column,
-    )
+    schema = base.override(original_image_column, edit_prompt_column, edited_image_column)
     fractions = {
         "train": 1.0 - validation_fraction - test_fraction,
         "validation": validation_fraction,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from core.errors import InvalidModel
 from training.config import ConfigError, TrainConfig, to_toml
-from training.dataset import as_pil
+from training.dataset import Crop, aligned_crop, as_pil
 from training.templates import load_templates
 
 log = logging.getLogger(__name__)
@@ -553,25 +553,17 @@ def crop_pair(
     flip: bool,
     rng: np.random.Generator | None,
 ) -> tuple[Image.Image, Image.Image]:
-    """Resize the shorter side to `resolution` (the target to the input's exact size, so pixels stay aligned),
-    then cut the same square box, centred or random, from both; optionally flip both."""
-    width, height = original.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if original.size != size:
-        original = original.resize(size, Image.Resampling.BICUBIC)
-    if edited.size != size:
-        edited = edited.resize(size, Image.Resampling.BICUBIC)
-    if center or rng is None:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = int(rng.integers(size[0] - resolution + 1)), int(rng.integers(size[1] - resolution + 1))
-    box = (left, top, left + resolution, top + resolution)
-    original, edited = original.crop(box), edited.crop(box)
+    """The target resized to the input's exact size (pixels stay aligned), then both cut with the same box
+    by `training.dataset.aligned_crop` (short side to `resolution`, centred or random square); optionally
+    both flipped."""
+    if edited.size != original.size:
+        edited = edited.resize(original.size, Image.Resampling.BICUBIC)
+    random_box = not center and rng is not None
+    crop = Crop(resolution, "random" if random_box else "center")
+    pair = aligned_crop([np.asarray(original), np.asarray(edited)], crop, rng if random_box else None)
     if flip and rng is not None and rng.random() < 0.5:
-        original = original.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        edited = edited.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return original, edited
+        pair = [np.ascontiguousarray(image[:, ::-1]) for image in pair]
+    return Image.fromarray(pair[0]), Image.fromarray(pair[1])
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
