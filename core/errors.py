@@ -70,3 +70,9 @@ class ProviderError(TransientError):
 
 class StorageError(TransientError):
     code = "storage"
+
+
+class OutOfMemory(TransientError):
+    """Host or device memory ran out; another attempt (or another worker) may fit."""
+
+    code = "out_of_memory"

@@ -15,7 +15,8 @@ from core.errors import SchemaError
 from core.params import EditParams
 
 JOB_VERSION = 1
-Status = Literal["done", "skipped", "failed"]
+Status = Literal["done", "skipped", "failed", "cancelled"]
+FINAL_STATUSES = ("done", "skipped", "failed", "cancelled")
 
 
 def job_id_for(input_digest: str, instruction: str, params: EditParams, model_id: str) -> str:
@@ -41,13 +42,16 @@ def _strict(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
 class Job:
     job_id: str
     batch_id: str
-    model: str  # queue name of the model (itsd.<model>)
+    model: str  # the model's name; its queue is itsd.<model>
     instruction: str
     params: EditParams
-    output_uri: str
+    output_uri: str | None  # local path or fsspec URL; None: the output comes back inline, for `itsd collect`
     input_uri: str | None = None  # local path or fsspec URL
     input_b64: str | None = None  # small images inline instead of a URI
     overwrite: bool = False
+    model_id: str | None = None  # the identity the job id was computed for; a worker serving another refuses
+    relative: str | None = None  # the output's key under the destination (also the inline output's name)
+    submitted_at: float | None = None  # unix time, for submit-to-start latency
     schema_version: int = JOB_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,10 +70,13 @@ class Result:
     output_uri: str | None = None
     width: int | None = None
     height: int | None = None
+    size_bytes: int | None = None  # of the encoded output
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     worker: str | None = None
-    attempts: int = 1
+    attempts: int = 1  # deliveries of this job so far, retries and redeliveries included
+    started_at: float | None = None  # unix times on the worker
+    finished_at: float | None = None
     error_type: str | None = None  # an ItsdError code
     error_message: str | None = None
     schema_version: int = JOB_VERSION

@@ -6,6 +6,7 @@ symbolic axes; export derives `dynamic_axes` from it and the worker checks sessi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,3 +157,14 @@ class Manifest:
         if missing or set(manifest.components) != set(COMPONENTS):
             raise InvalidModel(f"{folder}: incomplete artifact folder (missing {', '.join(missing) or 'components'})")
         return manifest
+
+
+def checkpoint_hash(folder: Path) -> str:
+    """sha256 over every config and weight file (relative path and bytes): the model's identity."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

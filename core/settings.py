@@ -29,6 +29,13 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS  # ITSD_MAX_PIXELS: refuse larger images before decoding
     providers: tuple[str, ...] = DEFAULT_PROVIDERS  # ITSD_PROVIDERS: comma-separated, in preference order
     cache_dir: Path = Path()  # ITSD_CACHE_DIR: exported artifacts cached by checkpoint hash
+    # The queue. A message not acknowledged within the visibility timeout is delivered again, so it must
+    # exceed the longest job (a 4096-px edit on a slow CPU is minutes; an hour leaves room).
+    visibility_timeout: int = 3600  # ITSD_VISIBILITY_TIMEOUT, seconds
+    claim_ttl: int = 60  # ITSD_CLAIM_TTL: seconds a running job's claim lives unless its worker renews it
+    max_retries: int = 5  # ITSD_MAX_RETRIES: transient failures retried before the job is dead-lettered
+    result_expires: int = 7 * 24 * 3600  # ITSD_RESULT_EXPIRES: seconds results and batch records are kept
+    inline_max_bytes: int = 4 * 2**20  # ITSD_INLINE_MAX_BYTES: cap on an image sent inline (--inline)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -39,4 +46,9 @@ class Settings:
             max_pixels=_positive_int(env, "ITSD_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else DEFAULT_PROVIDERS,
             cache_dir=Path(env["ITSD_CACHE_DIR"]) if env.get("ITSD_CACHE_DIR") else _cache_home(),
+            visibility_timeout=_positive_int(env, "ITSD_VISIBILITY_TIMEOUT", cls.visibility_timeout),
+            claim_ttl=_positive_int(env, "ITSD_CLAIM_TTL", cls.claim_ttl),
+            max_retries=_positive_int(env, "ITSD_MAX_RETRIES", cls.max_retries),
+            result_expires=_positive_int(env, "ITSD_RESULT_EXPIRES", cls.result_expires),
+            inline_max_bytes=_positive_int(env, "ITSD_INLINE_MAX_BYTES", cls.inline_max_bytes),
         )

@@ -1,10 +1,14 @@
-"""Writing outputs so a reader never sees half a file: a temporary sibling, then an atomic rename."""
+"""Reading inputs and writing outputs by URI (a local path, file://, or any fsspec URL such as s3://),
+so a reader never sees half a file: a temporary sibling then an atomic rename, or one object put."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from core.errors import InputNotFound, InvalidParameters, StorageError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once: temporary files and folders are private until published
@@ -26,3 +30,70 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _local_path(uri: str) -> Path | None:
+    """The filesystem path of a plain path or file:// URI; None for any other scheme (fsspec's)."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if not scheme:
+        return Path(uri)
+    if scheme == "file":
+        return Path(uri[len("file://") :])
+    return None
+
+
+def remote_fs(uri: str) -> tuple[Any, str]:
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise InvalidParameters(f"{uri}: URLs need fsspec: pip install 'itsd[worker]'") from None
+    try:
+        return url_to_fs(uri)
+    except (ImportError, ValueError) as exc:  # e.g. s3:// without s3fs
+        raise InvalidParameters(f"{uri}: {exc}") from None
+
+
+def join_uri(destination: str, relative: str) -> str:
+    """DEST + a safe relative key, for local folders and URLs alike."""
+    if _local_path(destination) is not None and "://" not in destination:
+        return str(Path(destination) / relative)
+    return destination.rstrip("/") + "/" + relative
+
+
+def read_uri(uri: str) -> bytes:
+    local = _local_path(uri)
+    try:
+        if local is not None:
+            return local.read_bytes()
+        fs, path = remote_fs(uri)
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise InputNotFound(f"{uri}: no such file") from None
+    except IsADirectoryError:
+        raise InputNotFound(f"{uri}: is a folder, not an image") from None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from None
+
+
+def uri_exists(uri: str) -> bool:
+    local = _local_path(uri)
+    if local is not None:
+        return local.is_file()
+    fs, path = remote_fs(uri)
+    try:
+        return fs.exists(path)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot check: {exc}") from None
+
+
+def write_uri(uri: str, data: bytes) -> None:
+    """Write so a reader never sees half an output: temp then rename locally; one put for object stores."""
+    local = _local_path(uri)
+    try:
+        if local is not None:
+            write_atomic(local, data)
+        else:
+            fs, path = remote_fs(uri)
+            fs.pipe_file(path, data)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write: {exc.strerror or exc}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -59,17 +58,6 @@ def check(folder: Path) -> dict:
             f"like a text-to-image Stable Diffusion checkpoint: fine-tune it with `itsd train` first"
         )
     return index
-
-
-def content_hash(folder: Path) -> str:
-    """sha256 over every config and weight file (relative path and bytes): the model's identity."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_pipeline(folder: Path):  # noqa: ANN201 (diffusers type; imported lazily)

@@ -18,7 +18,7 @@ import onnxruntime
 import torch
 
 from core.errors import ExportFailed, ParityError
-from core.manifest import COMPONENTS, TOKENIZER_DIR, Manifest
+from core.manifest import COMPONENTS, TOKENIZER_DIR, Manifest, checkpoint_hash
 from core.storage import usual_mode
 from export import checkpoint, verify
 from export.components import OPSET, example_inputs, export_component, wrap
@@ -50,7 +50,7 @@ def export_checkpoint(
         report(f"loading {source}")
         pipe = checkpoint.load_pipeline(folder)
         report("hashing checkpoint")
-        manifest = _manifest(pipe, source, checkpoint.content_hash(folder), dtype)
+        manifest = _manifest(pipe, source, checkpoint_hash(folder), dtype)
         for name, spec in COMPONENTS.items():
             report(f"exporting {name} ({manifest.component_dtypes[name]})")
             torch_dtype = DTYPES[manifest.component_dtypes[name]]

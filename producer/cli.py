@@ -21,6 +21,12 @@ class Entry(NamedTuple):
 COMMANDS: dict[str, Entry] = {
     "export": Entry("export.cli:export", "export", "Export a diffusers IP2P checkpoint to verified ONNX artifacts."),
     "edit": Entry("worker.cli:edit", "worker", "Edit images in this process, no queue (ONNX, or a torch baseline)."),
+    "worker": Entry("worker.serve:worker", "worker", "Serve exported models from their queues (a Celery worker)."),
+    "submit": Entry("producer.submit:submit", "producer", "Queue a batch of edits; --wait shows progress."),
+    "status": Entry("producer.submit:status", "producer", "Counts, failures and throughput of a batch."),
+    "collect": Entry("producer.submit:collect", "producer", "Write a batch's inline results to files."),
+    "cancel": Entry("producer.submit:cancel", "producer", "Cancel a batch: its queued jobs never run."),
+    "run": Entry("producer.run:run", "worker", "Everything on one machine: private Redis, local workers, a batch."),
     "prepare": Entry(
         "training.prepare_cli:prepare",
         "train",

@@ -1,0 +1,228 @@
+"""Batches: turning sources into jobs, recording the batch in Redis, queueing what is not done yet,
+and reading progress back. `itsd submit`, `status`, `collect`, `cancel` and `run` are thin over this.
+
+The batch id is a hash of its job ids and destination, so submitting the same work again finds the
+same batch: finished jobs are skipped, failed and cancelled ones are run again, the rest re-queued
+(a copy that is still queued is recognised by its worker and skipped).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from celery import Celery
+
+from core.errors import InvalidParameters, ItsdError
+from core.job import Job, Result, job_id_for
+from core.queue import (
+    TASK_NAME,
+    Keys,
+    celery_config,
+    forget_results,
+    queue_for,
+    record_result,
+    redis_client,
+    status_counts,
+)
+from core.settings import Settings
+from core.storage import join_uri, read_uri, uri_exists
+from producer.sources import Rejected, Source
+
+READERS = 16  # inputs hashed in parallel (I/O bound: local disks and object stores alike)
+
+
+class Broker:
+    """The producer's two handles on one Redis: Celery to send tasks by name, redis-py for records."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+        self.client = redis_client(url)
+        self.app = Celery("itsd-producer", set_as_current=False)
+        self.app.conf.update(celery_config(url, settings))
+
+    def model_id(self, model: str) -> str:
+        """The identity a worker registered for `model` (job ids depend on it)."""
+        queue_for(model)
+        entry = self.client.hget(Keys.models, model)
+        if entry is None:
+            known = sorted(name.decode() for name in self.client.hkeys(Keys.models))
+            raise InvalidParameters(
+                f"no worker has registered model {model!r} on this broker"
+                + (f" (known: {', '.join(known)})" if known else "")
+                + f"; start one with `itsd worker --model {model}=ARTIFACTS`"
+            )
+        return json.loads(entry)["model_id"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    batch_id: str
+    total: int
+    queued: int  # sent to workers now
+    finished: int  # already done or skipped before this submit
+    failed: int  # refused at submit (unreadable input, bad manifest row)
+
+
+def _failure_id(where: str) -> str:
+    return "x" + hashlib.sha256(where.encode()).hexdigest()[:31]
+
+
+def _job_for(source: Source, destination: str, model: str, model_id: str, inline: int, overwrite: bool) -> Job:
+    """Read and hash one input; `inline` > 0 carries the bytes in the job (at most that many)."""
+    data = read_uri(source.uri)
+    digest = hashlib.sha256(data).hexdigest()
+    job_id = job_id_for(digest, source.instruction, source.params, model_id)
+    if inline and len(data) > inline:
+        raise InvalidParameters(f"{len(data)} bytes is over the inline limit of {inline} (ITSD_INLINE_MAX_BYTES)")
+    return Job(
+        job_id=job_id,
+        batch_id="",
+        model=model,
+        instruction=source.instruction,
+        params=source.params,
+        output_uri=None if inline else join_uri(destination, str(source.relative)),
+        input_uri=None if inline else source.uri,
+        input_b64=base64.b64encode(data).decode() if inline else None,
+        overwrite=overwrite,
+        model_id=model_id,
+        relative=str(source.relative),
+    )
+
+
+def submit_batch(
+    broker: Broker,
+    sources: list[Source],
+    rejected: list[Rejected],
+    destination: str,
+    model: str,
+    inline: bool = False,
+    overwrite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> Submission:
+    """Record the batch and queue its unfinished jobs. `on_progress(n)` is called as inputs are read."""
+    model_id = broker.model_id(model)
+    settings, client = broker.settings, broker.client
+    jobs: list[Job] = []
+    refused: list[Result] = [
+        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
+        for r in rejected
+    ]
+    limit = settings.inline_max_bytes if inline else 0
+    with ThreadPoolExecutor(READERS) as pool:
+        futures = [pool.submit(_job_for, s, destination, model, model_id, limit, overwrite) for s in sources]
+        for source, future in zip(sources, futures, strict=True):
+            try:
+                jobs.append(future.result())
+            except ItsdError as exc:
+                where = source.uri
+                refused.append(
+                    Result(_failure_id(where), "failed", error_type=exc.code, error_message=f"{where}: {exc}")
+                )
+            if on_progress:
+                on_progress(1)
+    ids = sorted({j.job_id for j in jobs} | {r.job_id for r in refused})
+    batch_id = hashlib.sha256(json.dumps([destination, model_id, ids]).encode()).hexdigest()[:16]
+    keys = Keys(batch_id)
+    jobs = [replace(job, batch_id=batch_id) for job in jobs]
+
+    known = {k.decode(): v.decode() for k, v in client.hgetall(keys.statuses).items()}
+    finished = set() if overwrite else {i for i, status in known.items() if status in ("done", "skipped")}
+    rerun = [j.job_id for j in jobs if j.job_id in known and j.job_id not in finished]
+    forget_results(client, keys, rerun + [r.job_id for r in refused])
+    pending = [j for j in jobs if j.job_id not in finished]
+    if not overwrite and not inline:
+        with ThreadPoolExecutor(READERS) as pool:
+            exists = list(pool.map(lambda j: uri_exists(j.output_uri), pending))
+        now = time.time()
+        for job in (j for j, e in zip(pending, exists, strict=True) if e):
+            record_result(
+                client,
+                keys,
+                Result(job.job_id, "skipped", job.output_uri, finished_at=now).to_dict(),
+                settings.result_expires,
+            )
+        pending = [j for j, e in zip(pending, exists, strict=True) if not e]
+
+    now = time.time()
+    client.hsetnx(keys.batch, "created_at", now)
+    client.hset(
+        keys.batch,
+        mapping={
+            "batch_id": batch_id,
+            "destination": destination,
+            "model": model,
+            "model_id": model_id,
+            "inline": int(inline),
+            "total": len(ids),
+            "cancelled": 0,
+            "submitted_at": now,
+        },
+    )
+    for start in range(0, len(jobs), 1000):
+        chunk = jobs[start : start + 1000]
+        client.hset(keys.jobs, mapping={j.job_id: json.dumps(replace(j, input_b64=None).to_dict()) for j in chunk})
+    for result in refused:
+        record_result(client, keys, result.to_dict(), settings.result_expires)
+    for key in keys.all():
+        client.expire(key, settings.result_expires)
+    client.zadd(Keys.batches, {batch_id: now})
+
+    queue = queue_for(model)
+    with broker.app.producer_or_acquire() as producer:
+        for job in pending:
+            message = replace(job, submitted_at=time.time()).to_dict()
+            broker.app.send_task(TASK_NAME, args=[message], queue=queue, task_id=job.job_id, producer=producer)
+    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
+
+
+# --- reading a batch back ---------------------------------------------------------------------------
+def batch_record(client: Any, batch_id: str) -> dict[str, str]:
+    record = {k.decode(): v.decode() for k, v in client.hgetall(Keys(batch_id).batch).items()}
+    if "total" not in record:
+        raise InvalidParameters(f"no batch {batch_id!r} on this broker (batches expire after ITSD_RESULT_EXPIRES)")
+    return record
+
+
+def progress(client: Any, batch_id: str) -> tuple[int, dict[str, int]]:
+    """(total, counts per final status)."""
+    total = int(batch_record(client, batch_id)["total"])
+    return total, status_counts(client, Keys(batch_id))
+
+
+def results(client: Any, batch_id: str) -> Iterator[Result]:
+    for _, value in client.hscan_iter(Keys(batch_id).results, count=1000):
+        yield Result.from_dict(json.loads(value))
+
+
+def per_worker(found: list[Result]) -> dict[str, dict[str, float]]:
+    """Jobs, images/s (over the worker's busy span) and mean seconds per job, by worker."""
+    spans: dict[str, list[Result]] = defaultdict(list)
+    for result in found:
+        if result.worker and result.started_at and result.finished_at and result.status == "done":
+            spans[result.worker].append(result)
+    table = {}
+    for worker, done in sorted(spans.items()):
+        span = max(r.finished_at for r in done) - min(r.started_at for r in done)
+        busy = sum(r.finished_at - r.started_at for r in done)
+        table[worker] = {
+            "done": len(done),
+            "images_per_s": round(len(done) / span, 3) if span > 0 else 0.0,
+            "s_per_image": round(busy / len(done), 3),
+        }
+    return table
+
+
+def cancel_batch(client: Any, batch_id: str) -> int:
+    """Mark the batch cancelled; workers record its queued jobs as cancelled without running them."""
+    total, counts = progress(client, batch_id)
+    client.hset(Keys(batch_id).batch, "cancelled", 1)
+    return total - sum(counts.values())

@@ -1,0 +1,189 @@
+"""Processes on this machine: a private `redis-server` and local `itsd worker`s, started and stopped
+cleanly (no orphans, Ctrl-C included). `itsd run`, the tests and the fleet benchmark use them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from core.errors import InvalidParameters
+from core.queue import Keys
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop_group(process: subprocess.Popen, grace: float, first: int = signal.SIGTERM) -> None:
+    """Signal the process's whole group (a Celery worker and its pool children), then kill what is left."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, first)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+    with contextlib.suppress(ProcessLookupError):  # pool children outlive a parent that was SIGKILLed
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+class RedisServer:
+    """A password-protected redis-server on a free loopback port. `appendonly=True` keeps queued jobs and
+    results across `restart()` (what compose's Redis does)."""
+
+    def __init__(self, folder: Path | None = None, appendonly: bool = False, port: int | None = None) -> None:
+        if shutil.which("redis-server") is None:
+            raise InvalidParameters(
+                "redis-server is not installed: apt-get install redis-server (or pass --broker URL to use another)"
+            )
+        self._owned = folder is None
+        self.folder = Path(tempfile.mkdtemp(prefix="itsd-redis-")) if folder is None else folder
+        self.appendonly = appendonly
+        self.port = port or free_port()
+        self.password = secrets.token_hex(16)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        config = "\n".join(
+            [
+                f"port {self.port}",
+                "bind 127.0.0.1",
+                f"requirepass {self.password}",  # on stdin, not argv: `ps` shows no password
+                f'dir "{self.folder}"',
+                'save ""',
+                f"appendonly {'yes' if self.appendonly else 'no'}",
+                "maxmemory-policy noeviction",
+                "logfile redis.log",
+            ]
+        )
+        self.process = subprocess.Popen(
+            ["redis-server", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        assert self.process.stdin is not None
+        self.process.stdin.write(config.encode() + b"\n")
+        self.process.stdin.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        import redis
+
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1, socket_timeout=1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                log = (self.folder / "redis.log").read_text(errors="replace")[-2000:] if self._has_log() else ""
+                raise InvalidParameters(f"redis-server exited with status {self.process.returncode}: {log}")
+            try:
+                if client.ping():
+                    return
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # starting, or loading its AOF
+                time.sleep(0.05)
+        raise InvalidParameters(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
+
+    def _has_log(self) -> bool:
+        return (self.folder / "redis.log").is_file()
+
+    def stop(self) -> None:
+        """Stop (an append-only server flushes its log first, as on a clean restart)."""
+        if self.process is not None:
+            _stop_group(self.process, grace=10)
+            self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            _stop_group(self.process, grace=0, first=signal.SIGKILL)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+        if self._owned:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class LocalWorker:
+    """One `itsd worker` process (and its pool children) in its own process group, logging to a file."""
+
+    def __init__(
+        self,
+        url: str,
+        models: dict[str, str],
+        name: str,
+        log_path: Path,
+        concurrency: int = 1,
+        extra_env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        args = [arg for n, folder in models.items() for arg in ("--model", f"{n}={folder}")]
+        self.command = command or [sys.executable, "-m", "producer.cli", "worker", *args]
+        self.command += ["--concurrency", str(concurrency), "--hostname", f"{name}@%h"]
+        self.env = {**os.environ, **(extra_env or {}), "ITSD_BROKER_URL": url}  # the password stays off argv
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> LocalWorker:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM: finish the running job and stop; after `grace` seconds, kill the group."""
+        if self.process is not None:
+            _stop_group(self.process, grace)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            _stop_group(self.process, grace=0, first=signal.SIGKILL)
+
+
+def wait_registered(client: Any, models: list[str], workers: list[LocalWorker], timeout: float = 120.0) -> None:
+    """Until every model is registered by a worker; a worker that dies first is reported with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [w for w in workers if not w.alive()]
+        if dead:
+            raise InvalidParameters(f"worker {dead[0].name} exited at start:\n{dead[0].log_tail()}")
+        if all(client.hexists(Keys.models, m) for m in models):
+            return
+        time.sleep(0.1)
+    raise InvalidParameters(f"workers did not start within {timeout:.0f} s:\n{workers[0].log_tail()}")

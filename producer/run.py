@@ -1,0 +1,192 @@
+"""`itsd run`: the whole system on one machine. A private, password-protected Redis (unless --broker),
+N local workers, one batch with a progress bar, then a clean shutdown (Ctrl-C and SIGTERM included),
+a summary JSON and a before/after contact sheet.
+
+`--model` takes an artifact folder, or a diffusers checkpoint (a folder, or a Hub id when online) that
+is exported on first use and cached by its content hash under ITSD_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from core.backends import detect
+from core.errors import InvalidModel, ItsdError
+from core.inputs import InputFile, check_destination
+from core.job import Job
+from core.manifest import Manifest, checkpoint_hash
+from core.options import edit_options
+from core.params import EditParams
+from core.queue import Keys, check_broker_url
+from core.settings import Settings
+from producer.batch import Broker, per_worker, results, submit_batch
+from producer.local import LocalWorker, RedisServer, wait_registered
+from producer.sheet import write_contact_sheet
+from producer.sources import collect_sources
+from producer.submit import describe, echo_failures, wait_for
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "itsd-tiny"
+SUMMARY_NAME = "itsd-run.json"
+SHEET_NAME = "itsd-contact-sheet.jpg"
+SHEET_ROWS = 12
+
+
+def artifacts_for(model: str, settings: Settings, report: Callable[[str], None]) -> Path:
+    """An artifact folder for MODEL: itself, or its cached export (made now if missing)."""
+    if detect(model) == "onnx":
+        return Path(model)
+    try:
+        from export.checkpoint import resolve
+        from export.exporter import export_checkpoint
+    except ImportError as exc:
+        raise InvalidModel(
+            f"{model} is a checkpoint; exporting it needs {exc.name}: pip install 'itsd[export]'"
+        ) from None
+    folder = resolve(model)
+    cached = settings.cache_dir / "exports" / f"{checkpoint_hash(folder)[:16]}-fp32"
+    if (cached / "manifest.json").is_file():
+        report(f"using the cached export of {model}: {cached}")
+        return cached
+    report(f"exporting {model} to {cached} (once; later runs reuse it)")
+    export_checkpoint(model, cached, report=report)
+    return cached
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the workers and Redis are stopped either way."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sheet_pairs(client: Any, batch_id: str) -> list[tuple[Path, Path]]:
+    done = sorted((r for r in results(client, batch_id) if r.status == "done"), key=lambda r: r.output_uri or "")
+    pairs = []
+    for result in done[:SHEET_ROWS]:
+        job = Job.from_dict(json.loads(client.hget(Keys(batch_id).jobs, result.job_id)))
+        if job.input_uri and job.output_uri and "://" not in job.input_uri + job.output_uri:
+            pairs.append((Path(job.input_uri), Path(job.output_uri)))
+    return pairs
+
+
+def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) -> dict[str, Any]:
+    found = list(results(broker.client, batch_id))
+    pairs = _sheet_pairs(broker.client, batch_id)
+    if pairs:
+        write_contact_sheet(pairs, f"{info['instruction']}  (input | output)", out / SHEET_NAME)
+    summary = {
+        **info,
+        "batch_id": batch_id,
+        "counts": {s: sum(r.status == s for r in found) for s in ("done", "skipped", "failed", "cancelled")},
+        "per_worker": per_worker(found),
+        "failures": [
+            {"job_id": r.job_id, "error_type": r.error_type, "error": r.error_message}
+            for r in found
+            if r.status == "failed"
+        ],
+        "contact_sheet": str(out / SHEET_NAME) if pairs else None,
+    }
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@click.command()
+@click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
+@click.option("--instruction", "-i", required=True, help='What to do, e.g. "Cartoonize the image".')
+@click.option(
+    "--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for outputs."
+)
+@click.option(
+    "--model",
+    "-m",
+    default=str(BUNDLED_MODEL),
+    show_default="itsd-tiny, bundled",
+    metavar="PATH",
+    help="Artifact folder, or a diffusers checkpoint (folder or Hub id) exported on first use and cached.",
+)
+@click.option("--workers", "-w", type=click.IntRange(1, 64), default=1, show_default=True, help="Local workers.")
+@click.option("--broker", metavar="URL", help="Use this Redis instead of a private one (not read from the env).")
+@edit_options
+@click.option("--overwrite", is_flag=True, help="Recompute images whose output exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def run(
+    inputs: tuple[str, ...],
+    instruction: str,
+    out: Path,
+    model: str,
+    workers: int,
+    broker: str | None,
+    params: EditParams,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Edit INPUTS... (files, folders, globs, manifests) on this machine: start Redis and workers, run
+    the batch with a progress bar, stop everything. Outputs mirror the inputs under OUT, with a summary
+    (itsd-run.json) and a before/after contact sheet (itsd-contact-sheet.jpg)."""
+    if not instruction.strip():
+        raise click.BadParameter("the instruction is empty", param_hint="--instruction")
+    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    settings = Settings.from_env()
+    start = time.perf_counter()
+    try:
+        sources, rejected = collect_sources(list(inputs), instruction.strip(), params)
+        check_destination([InputFile(Path(s.uri), s.relative) for s in sources if "://" not in s.uri], out)
+        artifacts = artifacts_for(model, settings, say)
+        manifest = Manifest.read(artifacts)
+        name = f"run-{manifest.model_id}"
+        with ExitStack() as stack, stop_on_sigterm():
+            logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="itsd-run-")))
+            url = check_broker_url(broker) if broker else stack.enter_context(RedisServer()).url
+            connection = Broker(url, settings)
+            local = [
+                LocalWorker(url, {name: str(artifacts)}, f"local{i}", logs / f"worker{i}.log") for i in range(workers)
+            ]
+            for worker in local:
+                stack.callback(worker.stop)
+                worker.start()
+            say(f"started {workers} worker(s) for {model} ({manifest.model_id}); waiting for them to load it")
+            wait_registered(connection.client, [name], local)
+            submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
+            say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
+            counts = wait_for(connection, submission.batch_id, quiet)
+            seconds = time.perf_counter() - start
+            info = {
+                "instruction": instruction,
+                "model": model,
+                "model_id": manifest.model_id,
+                "params": params.to_dict(),
+                "workers": workers,
+                "total": submission.total,
+                "seconds": round(seconds, 2),
+                "images_per_s": round(counts["done"] / seconds, 3),
+            }
+            summary = summarise(connection, submission.batch_id, out, info)
+            click.echo(f"{describe(counts, submission.total)} in {seconds:.1f} s; outputs in {out}")
+            if summary["contact_sheet"]:
+                click.echo(f"contact sheet: {summary['contact_sheet']}")
+            if counts["failed"]:
+                echo_failures(connection, submission.batch_id)
+    except ItsdError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: workers and Redis stopped; run the same command again to resume", err=True)
+        sys.exit(130)
+    if counts["failed"]:
+        sys.exit(1)

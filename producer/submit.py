@@ -1,0 +1,199 @@
+"""`itsd submit`, `status`, `collect`, `cancel`: a batch on a fleet of workers, through Redis."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from core.errors import ItsdError
+from core.inputs import safe_relative
+from core.job import Job
+from core.options import edit_options
+from core.params import EditParams
+from core.queue import Keys, check_broker_url
+from core.settings import Settings
+from core.storage import write_atomic
+from producer.batch import Broker, Submission, batch_record, cancel_batch, per_worker, progress, results, submit_batch
+from producer.sources import collect_sources
+
+FAILURES_SHOWN = 20
+
+
+def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--broker (or ITSD_BROKER_URL), turned into a connected `Broker`; ItsdErrors become one line."""
+
+    @click.option(
+        "--broker",
+        envvar="ITSD_BROKER_URL",
+        metavar="URL",
+        help="redis:// or rediss:// URL, with its password. [env: ITSD_BROKER_URL]",
+    )
+    @functools.wraps(command)
+    def wrapper(*args: Any, broker: str | None, **kwargs: Any) -> Any:
+        try:
+            return command(*args, broker=Broker(check_broker_url(broker), Settings.from_env()), **kwargs)
+        except ItsdError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def wait_for(broker: Broker, batch_id: str, quiet: bool = False, poll: float = 0.5) -> dict[str, int]:
+    """Block until every job of the batch is final, with a progress bar (done, failed, images/s, ETA)."""
+    total, counts = progress(broker.client, batch_id)
+    with tqdm(total=total, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        while True:
+            finished = sum(counts.values())
+            bar.set_postfix(done=counts["done"] + counts["skipped"], failed=counts["failed"], refresh=False)
+            bar.update(finished - bar.n)
+            if finished >= total:
+                return counts
+            time.sleep(poll)
+            total, counts = progress(broker.client, batch_id)
+
+
+def describe(counts: dict[str, int], total: int) -> str:
+    parts = [f"{counts['done']} done", f"{counts['skipped']} skipped (already there)", f"{counts['failed']} failed"]
+    if counts["cancelled"]:
+        parts.append(f"{counts['cancelled']} cancelled")
+    pending = total - sum(counts.values())
+    return ", ".join(parts + ([f"{pending} pending"] if pending else [])) + f" of {total}"
+
+
+def echo_failures(broker: Broker, batch_id: str, limit: int = FAILURES_SHOWN) -> None:
+    failed = [r for r in results(broker.client, batch_id) if r.status == "failed"]
+    for result in failed[:limit]:
+        click.echo(f"  failed {result.job_id[:12]}: {result.error_type}: {result.error_message}", err=True)
+    if len(failed) > limit:
+        click.echo(f"  ... and {len(failed) - limit} more (itsd status {batch_id} --json)", err=True)
+
+
+def collect_outputs(broker: Broker, batch_id: str, out: Path) -> int:
+    """Write a batch's inline outputs under OUT by their keys; returns how many were written."""
+    keys, written = Keys(batch_id), 0
+    for job_id, encoded in broker.client.hscan_iter(keys.outputs, count=100):
+        job = Job.from_dict(json.loads(broker.client.hget(keys.jobs, job_id)))
+        write_atomic(out / safe_relative(job.relative or job_id.decode()), base64.b64decode(encoded))
+        written += 1
+    return written
+
+
+def report(broker: Broker, submission: Submission) -> None:
+    click.echo(
+        f"batch {submission.batch_id}: {submission.total} job(s); {submission.queued} queued, "
+        f"{submission.finished} already done" + (f", {submission.failed} refused" if submission.failed else "")
+    )
+
+
+@click.command()
+@click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
+@click.option("--instruction", "-i", default="", help="What to do; a manifest row may give its own.")
+@click.option("--model", "-m", required=True, metavar="NAME", help="Model to use: its workers consume itsd.NAME.")
+@click.option("--out", "-o", "out", required=True, metavar="DEST", help="Destination folder or URL for outputs.")
+@edit_options
+@click.option(
+    "--inline",
+    is_flag=True,
+    help="Send images inside the jobs and keep outputs in Redis (for workers without shared storage); "
+    "`itsd collect` writes them.",
+)
+@click.option("--overwrite", is_flag=True, help="Recompute jobs whose output exists.")
+@click.option("--wait", is_flag=True, help="Wait with a progress bar until the batch is finished.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@broker_option
+def submit(
+    inputs: tuple[str, ...],
+    instruction: str,
+    model: str,
+    out: str,
+    params: EditParams,
+    inline: bool,
+    overwrite: bool,
+    wait: bool,
+    quiet: bool,
+    broker: Broker,
+) -> None:
+    """Queue INPUTS... (files, folders, globs, URLs, or .csv/.jsonl manifests) as one batch and print
+    its id. Submitting the same batch again resumes it: finished jobs are not recomputed."""
+    destination = out if "://" in out else str(Path(out).resolve())
+    sources, rejected = collect_sources(list(inputs), instruction.strip(), params)
+    if any(not s.instruction for s in sources):
+        raise click.BadParameter("the instruction is empty", param_hint="--instruction")
+    if not sources and not rejected:
+        raise click.ClickException(f"no images found in {' '.join(inputs)}")
+    with tqdm(total=len(sources), unit="img", desc="reading", disable=quiet, file=sys.stderr, leave=False) as bar:
+        submission = submit_batch(broker, sources, rejected, destination, model, inline, overwrite, bar.update)
+    report(broker, submission)
+    if not wait:
+        click.echo(f"follow it with: itsd status {submission.batch_id}")
+        return
+    finish(broker, submission.batch_id, Path(out) if inline else None, quiet)
+
+
+def finish(broker: Broker, batch_id: str, collect_into: Path | None, quiet: bool) -> dict[str, int]:
+    """Wait, collect inline outputs, summarise; exit status 1 when any job failed."""
+    counts = wait_for(broker, batch_id, quiet)
+    if collect_into is not None:
+        collect_outputs(broker, batch_id, collect_into)
+    total = int(batch_record(broker.client, batch_id)["total"])
+    click.echo(f"batch {batch_id}: {describe(counts, total)}")
+    if counts["failed"]:
+        echo_failures(broker, batch_id)
+        sys.exit(1)
+    return counts
+
+
+@click.command()
+@click.argument("batch_id", metavar="BATCH")
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object, failures included.")
+@broker_option
+def status(batch_id: str, as_json: bool, broker: Broker) -> None:
+    """Counts, failures with their reasons, and throughput per worker of BATCH."""
+    record = batch_record(broker.client, batch_id)
+    total, counts = progress(broker.client, batch_id)
+    found = list(results(broker.client, batch_id))
+    workers = per_worker(found)
+    if as_json:
+        failures = [r.to_dict() for r in found if r.status == "failed"]
+        summary = {"batch": record, "total": total, "counts": counts, "workers": workers, "failures": failures}
+        click.echo(json.dumps(summary, indent=2))
+        return
+    state = "finished" if sum(counts.values()) >= total else "running"
+    state = "cancelled" if record.get("cancelled") == "1" else state
+    click.echo(f"batch {batch_id} ({state}): {describe(counts, total)}")
+    click.echo(f"model {record['model']} ({record['model_id']}), outputs in {record['destination']}")
+    for worker, row in workers.items():
+        click.echo(f"  {worker}: {row['done']} done, {row['images_per_s']} img/s, {row['s_per_image']} s/img")
+    echo_failures(broker, batch_id)
+
+
+@click.command()
+@click.argument("batch_id", metavar="BATCH")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), help="[default: the batch's --out]")
+@broker_option
+def collect(batch_id: str, out: Path | None, broker: Broker) -> None:
+    """Write the inline results of BATCH (submitted with --inline) to files."""
+    record = batch_record(broker.client, batch_id)
+    if record.get("inline") != "1":
+        click.echo(f"batch {batch_id} wrote its outputs to {record['destination']} directly; nothing to collect")
+        return
+    target = out or Path(record["destination"])
+    click.echo(f"collected {collect_outputs(broker, batch_id, target)} output(s) into {target}")
+
+
+@click.command()
+@click.argument("batch_id", metavar="BATCH")
+@broker_option
+def cancel(batch_id: str, broker: Broker) -> None:
+    """Cancel BATCH: jobs still queued are recorded as cancelled and never run."""
+    left = cancel_batch(broker.client, batch_id)
+    click.echo(f"batch {batch_id} cancelled; {left} unfinished job(s) will not run")

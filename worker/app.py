@@ -1,0 +1,49 @@
+"""The Celery app of a worker: the shared queue settings, the `itsd.edit` task, and model loading in
+each pool process after the fork (ONNX Runtime sessions are not fork-safe), with a warm-up edit."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from core.errors import TransientError
+from core.queue import TASK_NAME, celery_config, redis_client
+from core.settings import Settings
+from worker.service import EditService, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def backoff(retries: int) -> float:
+    """Seconds before retry number `retries + 1`: 1, 2, 4, ... capped at a minute."""
+    return float(min(60, 2**retries))
+
+
+def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_shutdown_timeout: float = 30.0) -> Celery:
+    app = Celery("itsd", set_as_current=True)
+    app.conf.update(celery_config(url, settings))
+    # SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, as compose sets) lets running jobs finish for this
+    # long, then requeues what is still running instead of losing it.
+    app.conf.worker_soft_shutdown_timeout = soft_shutdown_timeout
+    app.conf.worker_enable_soft_shutdown_on_idle = True
+    service = EditService(models, redis_client(url), settings)
+
+    @app.task(name=TASK_NAME, bind=True)
+    def edit(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return service.handle(payload, task.request.retries, task.request.hostname or "worker")
+        except TransientError as exc:
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=None) from exc
+
+    @worker_process_init.connect(weak=False)
+    def load_models(**_: Any) -> None:
+        try:
+            service.warm_up()
+        except Exception:  # the job that needs the model will report the failure with its reason
+            log.exception("warm-up failed")
+
+    app.itsd_service = service  # for the solo pool, which has no pool processes to initialise
+    return app

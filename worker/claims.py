@@ -1,0 +1,96 @@
+"""Claims: at most one worker computes a job at a time, even when Redis delivers it twice.
+
+A claim is a Redis key `itsd:claim:<job id>` holding its owner (`host:pid:nonce`) with a TTL that a
+thread renews while the job runs. A worker that dies stops renewing, so its claim expires and a
+redelivered copy of the job takes over; on the same host a dead owner is noticed at once (its pid is
+gone), which is what happens when a pool child is killed and Celery hands the job straight back.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from core.queue import Keys
+
+# KEYS[1] = claim key; ARGV[1] = owner; ARGV[2] = ttl in ms
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# ARGV[3] = the dead owner to replace
+_STEAL = (
+    "if redis.call('get', KEYS[1]) == ARGV[3] then "
+    "return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) end return false"
+)
+HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when the owner ran on this host and its process is gone; unknown hosts count as alive."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    return parts[0] == HOST and not _alive(int(parts[1]))
+
+
+class Claim:
+    """`with claim:` holds the job's claim (renewed in the background) and releases it on exit."""
+
+    def __init__(self, client: Any, job_id: str, ttl: float) -> None:
+        self.client = client
+        self.key = Keys.claim(job_id)
+        self.ttl_ms = max(1000, int(ttl * 1000))
+        self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def try_acquire(self) -> bool:
+        if self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+            return True
+        holder = self.client.get(self.key)
+        if holder is not None and owner_is_dead(holder.decode()):
+            return bool(self.client.eval(_STEAL, 1, self.key, self.owner, self.ttl_ms, holder))
+        return False
+
+    def acquire(self, done_elsewhere: Callable[[], bool], poll: float = 0.5) -> bool:
+        """Take the claim, waiting while a live worker holds it. False: the job got done meanwhile."""
+        while True:
+            if self.try_acquire():
+                return True
+            if done_elsewhere():
+                return False
+            time.sleep(min(poll, self.ttl_ms / 4000))
+
+    def _renew(self) -> None:
+        interval = self.ttl_ms / 3000
+        while not self._stop.wait(interval):
+            try:
+                self.client.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms)
+            except Exception:  # Redis away for a moment: keep trying until the job ends
+                continue
+
+    def __enter__(self) -> Claim:
+        self._renewer = threading.Thread(target=self._renew, name="itsd-claim", daemon=True)
+        self._renewer.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        self.client.eval(_RELEASE, 1, self.key, self.owner)

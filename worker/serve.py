@@ -1,0 +1,142 @@
+"""`itsd worker`: serve one or more exported models from their queues (`itsd.<name>`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+
+import click
+
+from core.errors import ItsdError
+from core.manifest import Manifest
+from core.queue import Keys, check_broker_url, queue_for, redact, redis_client
+from core.settings import Settings
+from worker.service import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def parse_device(device: str) -> tuple[tuple[str, ...] | None, int]:
+    """`auto` (the ITSD_PROVIDERS order), `cpu`, or `cuda:N` -> (providers, device id)."""
+    if device == "auto":
+        return None, 0
+    if device == "cpu":
+        return ("CPUExecutionProvider",), 0
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and (index or "0").isdigit():
+        return ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), int(index or 0)
+    raise click.BadParameter(f"{device!r}: use auto, cpu or cuda:N", param_hint="--device")
+
+
+def onnx_model(name: str, folder: str, device: str) -> ModelSpec:
+    """A served artifact folder: checked now (a bad folder stops the worker before it takes jobs),
+    loaded in each pool process later."""
+    manifest = Manifest.read(Path(folder))
+    providers, device_id = parse_device(device)
+
+    def load() -> object:
+        from worker.pipeline import OnnxEditPipeline
+
+        return OnnxEditPipeline(Path(folder), providers, device_id)
+
+    return ModelSpec(name, manifest.model_id, str(Path(folder).resolve()), load)
+
+
+def register(url: str, models: dict[str, ModelSpec], hostname: str) -> None:
+    """Announce what this worker serves, so producers can compute job ids without the artifacts."""
+    client = redis_client(url)
+    for spec in models.values():
+        entry = {"model_id": spec.model_id, "source": spec.source, "worker": hostname, "at": time.time()}
+        previous = client.hget(Keys.models, spec.name)
+        if previous and json.loads(previous)["model_id"] != spec.model_id:
+            log.warning(
+                "model %s was registered as %s; now %s", spec.name, json.loads(previous)["model_id"], spec.model_id
+            )
+        client.hset(Keys.models, spec.name, json.dumps(entry))
+
+
+def serve(
+    url: str,
+    models: dict[str, ModelSpec],
+    concurrency: int = 1,
+    hostname: str | None = None,
+    soft_shutdown_timeout: float = 30.0,
+    loglevel: str = "INFO",
+    settings: Settings | None = None,
+) -> None:
+    """Register the models and run a Celery worker on their queues until it is told to stop."""
+    from worker.app import make_app
+
+    settings = settings or Settings.from_env()
+    hostname = hostname or f"itsd-{socket.gethostname()}"
+    register(url, models, hostname)
+    app = make_app(url, settings, models, soft_shutdown_timeout)
+    queues = ",".join(queue_for(name) for name in models)
+    log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
+    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel, "-P", "prefork"])
+
+
+def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
+    models: dict[str, ModelSpec] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise click.BadParameter(f"{value!r}: use NAME=ARTIFACTS", param_hint="--model")
+        queue_for(name)  # validates the name
+        if name in models:
+            raise click.BadParameter(f"model {name!r} given twice", param_hint="--model")
+        models[name] = onnx_model(name, folder, device)
+    return models
+
+
+@click.command()
+@click.option(
+    "--model",
+    "-m",
+    "model_specs",
+    multiple=True,
+    required=True,
+    metavar="NAME=ARTIFACTS",
+    help="A model to serve from queue itsd.NAME: an artifact folder from `itsd export`. Repeatable.",
+)
+@click.option(
+    "--broker", envvar="ITSD_BROKER_URL", metavar="URL", help="redis:// or rediss:// URL. [env: ITSD_BROKER_URL]"
+)
+@click.option("--device", default="auto", show_default=True, help="auto (ITSD_PROVIDERS order), cpu, or cuda:N.")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Pool processes, each with its own sessions (one per GPU is usual).",
+)
+@click.option("--hostname", "-n", help="Worker name shown in results and Flower. [default: itsd-HOST]")
+@click.option(
+    "--soft-shutdown-timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="On SIGQUIT, seconds running jobs get to finish before they are handed back to the queue.",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True, help="Worker log level.")
+def worker(
+    model_specs: tuple[str, ...],
+    broker: str | None,
+    device: str,
+    concurrency: int,
+    hostname: str | None,
+    soft_shutdown_timeout: float,
+    loglevel: str,
+) -> None:
+    """Run a Celery worker that edits images with ONNX Runtime. Sessions load once per pool process,
+    after the fork, with a warm-up edit; SIGTERM finishes running jobs, then stops."""
+    try:
+        url = check_broker_url(broker)
+        models = parse_models(model_specs, device)
+    except ItsdError as exc:
+        raise click.ClickException(str(exc)) from None
+    serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel)

@@ -1,0 +1,217 @@
+"""What a worker does with one job: the body of the `itsd.edit` task, free of Celery so it reads top to
+bottom and tests can call it directly.
+
+For each delivery: count the attempt; a cancelled batch or an output that already exists ends the job
+at once; otherwise take the job's claim (waiting while a live worker holds it), read the input, edit,
+write the output atomically, and record a small JSON result in the batch. Permanent errors are
+recorded as failures; transient ones propagate for the task to retry, until the last attempt, which
+goes to the dead-letter list with its payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from core.edit import Backend, edit_image
+from core.errors import (
+    InvalidImage,
+    InvalidModel,
+    ItsdError,
+    OutOfMemory,
+    PermanentError,
+    SchemaError,
+    TransientError,
+)
+from core.images import decode_image, encode_image, working_size
+from core.job import Job, Result
+from core.params import EditParams
+from core.queue import Keys, record_result
+from core.settings import Settings
+from core.storage import read_uri, uri_exists, write_uri
+from worker.claims import Claim
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSpec:
+    """A model a worker serves: its queue name, identity, and how to load it (after the fork)."""
+
+    name: str
+    model_id: str
+    source: str  # the artifact folder, for the registry and logs
+    load: Callable[[], Backend]
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._last, 6)
+        self._last = now
+
+
+def _transient(exc: BaseException) -> TransientError | None:
+    if isinstance(exc, TransientError):
+        return exc
+    if isinstance(exc, MemoryError):
+        return OutOfMemory("out of memory")
+    return None
+
+
+class EditService:
+    def __init__(self, models: dict[str, ModelSpec], client: Any, settings: Settings) -> None:
+        self.models = models
+        self.client = client
+        self.settings = settings
+        self._loaded: dict[str, Backend] = {}
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._loaded:
+            self._loaded[name] = self.models[name].load()
+        return self._loaded[name]
+
+    def warm_up(self) -> None:
+        """Load every model and run one small edit, so the first real job pays no start-up cost."""
+        from PIL import Image
+
+        for name in self.models:
+            start = time.perf_counter()
+            edit_image(self.backend(name), Image.new("RGB", (64, 64), (128, 128, 128)), "warm up", _WARM_UP)
+            log.info("model %s ready (loaded and warmed up in %.1f s)", name, time.perf_counter() - start)
+
+    # --- the task body ---------------------------------------------------------------------------
+    def handle(self, payload: dict[str, Any], retries: int, worker: str) -> dict[str, Any]:
+        """Run one delivery; returns the result as JSON. Raises a TransientError to ask for a retry."""
+        started = time.time()
+        try:
+            job = Job.from_dict(payload)
+        except (ItsdError, TypeError, KeyError) as exc:
+            return self._malformed(payload, exc, worker)
+        keys = Keys(job.batch_id)
+        attempts = int(self.client.hincrby(keys.attempts, job.job_id, 1))
+        base = Result(
+            job.job_id, "failed", output_uri=job.output_uri, worker=worker, attempts=attempts, started_at=started
+        )
+        if self.client.hget(keys.batch, "cancelled") == b"1":
+            return self._record(keys, replace(base, status="cancelled", finished_at=time.time()), first=True)
+        if not job.overwrite and self._output_exists(job, keys):
+            return self._record(keys, replace(base, status="skipped", finished_at=time.time()), first=True)
+        claim = Claim(self.client, job.job_id, self.settings.claim_ttl)
+        if not claim.acquire(lambda: self._output_exists(job, keys)):
+            return self._record(keys, replace(base, status="skipped", finished_at=time.time()), first=True)
+        with claim:
+            try:
+                result = self._edit(job, keys, base)
+            except PermanentError as exc:
+                result = replace(base, error_type=exc.code, error_message=str(exc), finished_at=time.time())
+            except Exception as exc:
+                transient = _transient(exc)
+                if transient is None:
+                    raise
+                if retries < self.settings.max_retries:
+                    log.warning("job %s: %s (attempt %d, will retry)", job.job_id, transient, attempts)
+                    raise transient from exc
+                result = replace(base, error_type=transient.code, error_message=str(transient), finished_at=time.time())
+                self._dead_letter(job.to_dict(), result)
+        return self._record(keys, result)
+
+    def _edit(self, job: Job, keys: Keys, base: Result) -> Result:
+        if job.model not in self.models:
+            raise InvalidModel(f"this worker does not serve model {job.model!r} (it serves {', '.join(self.models)})")
+        spec = self.models[job.model]
+        if job.model_id and job.model_id != spec.model_id:
+            raise InvalidModel(f"job was submitted for model {job.model_id}; this worker serves {spec.model_id}")
+        watch = Stopwatch()
+        data = self._read_input(job)
+        watch.lap("read")
+        image = decode_image(data, self.settings.max_pixels)
+        working_size(*image.size, job.params.max_side)  # refuse impossible shapes before loading anything
+        watch.lap("decode")
+        backend = self.backend(job.model)
+        before = dict(getattr(backend, "timings", {}))
+        edit = edit_image(backend, image, job.instruction, job.params)
+        watch.lap("edit")
+        for stage, seconds in getattr(backend, "timings", {}).items():
+            watch.timings[f"edit.{stage}"] = round(seconds - before.get(stage, 0.0), 6)
+        name = job.relative or (job.output_uri or "output.png").rsplit("/", 1)[-1]
+        encoded = encode_image(edit.image, name)
+        watch.lap("encode")
+        if job.output_uri is None:
+            self.client.hset(keys.outputs, job.job_id, base64.b64encode(encoded))
+            self.client.expire(keys.outputs, self.settings.result_expires)
+        else:
+            write_uri(job.output_uri, encoded)
+        watch.lap("write")
+        width, height = edit.image.size
+        return replace(
+            base,
+            status="done",
+            width=width,
+            height=height,
+            size_bytes=len(encoded),
+            seed=edit.seed,
+            timings=watch.timings,
+            finished_at=time.time(),
+        )
+
+    def _read_input(self, job: Job) -> bytes:
+        if job.input_b64 is not None:
+            try:
+                return base64.b64decode(job.input_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidImage("inline input is not valid base64") from None
+        if job.input_uri is None:
+            raise SchemaError("job has neither input_uri nor input_b64")
+        return read_uri(job.input_uri)
+
+    def _output_exists(self, job: Job, keys: Keys) -> bool:
+        if job.output_uri is None:
+            return bool(self.client.hexists(keys.outputs, job.job_id))
+        return uri_exists(job.output_uri)
+
+    def _record(self, keys: Keys, result: Result, first: bool = False) -> dict[str, Any]:
+        data = result.to_dict()
+        record_result(self.client, keys, data, self.settings.result_expires, first)
+        log.info(
+            "job %s %s%s", result.job_id, result.status, f": {result.error_message}" if result.error_message else ""
+        )
+        return data
+
+    def _dead_letter(self, payload: dict[str, Any], result: Result) -> None:
+        entry = {
+            "job": payload,
+            "error_type": result.error_type,
+            "error_message": result.error_message,
+            "attempts": result.attempts,
+            "worker": result.worker,
+            "at": time.time(),
+        }
+        self.client.lpush(Keys.dead, json.dumps(entry))
+
+    def _malformed(self, payload: dict[str, Any], exc: BaseException, worker: str) -> dict[str, Any]:
+        job_id = str(payload.get("job_id", "?")) if isinstance(payload, dict) else "?"
+        result = Result(
+            job_id,
+            "failed",
+            worker=worker,
+            error_type=SchemaError.code,
+            error_message=str(exc),
+            finished_at=time.time(),
+        )
+        log.error("refused a malformed job %s: %s", job_id, exc)
+        self._dead_letter(payload if isinstance(payload, dict) else {"raw": repr(payload)}, result)
+        return result.to_dict()
+
+
+_WARM_UP = EditParams(steps=1, seed=0, max_side=64)
