@@ -68,13 +68,20 @@ class Claim:
         return False
 
     def acquire(self, done_elsewhere: Callable[[], bool], poll: float = 0.5) -> bool:
-        """Take the claim, waiting while a live worker holds it. False: the job got done meanwhile."""
+        """Take the claim, waiting while a live worker holds it. False (and no claim held): the job is
+        done already, which is checked once the claim is ours, so no other copy can be finishing it."""
         while True:
             if self.try_acquire():
+                if done_elsewhere():
+                    self.release()
+                    return False
                 return True
             if done_elsewhere():
                 return False
             time.sleep(min(poll, self.ttl_ms / 4000))
+
+    def release(self) -> None:
+        self.client.eval(_RELEASE, 1, self.key, self.owner)
 
     def _renew(self) -> None:
         interval = self.ttl_ms / 3000
@@ -93,4 +100,4 @@ class Claim:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        self.client.eval(_RELEASE, 1, self.key, self.owner)
+        self.release()

@@ -1,8 +1,8 @@
 """What a worker does with one job: the body of the `itsd.edit` task, free of Celery so it reads top to
 bottom and tests can call it directly.
 
-For each delivery: count the attempt; a cancelled batch or an output that already exists ends the job
-at once; otherwise take the job's claim (waiting while a live worker holds it), read the input, edit,
+For each delivery: count the attempt; a cancelled batch ends the job at once; otherwise take the job's
+claim (waiting while a live worker holds it), skip it if its output exists by then, read the input, edit,
 write the output atomically, and record a small JSON result in the batch. Permanent errors are
 recorded as failures; transient ones propagate for the task to retry, until the last attempt, which
 goes to the dead-letter list with its payload.
@@ -105,10 +105,8 @@ class EditService:
         )
         if self.client.hget(keys.batch, "cancelled") == b"1":
             return self._record(keys, replace(base, status="cancelled", finished_at=time.time()), first=True)
-        if not job.overwrite and self._output_exists(job, keys):
-            return self._record(keys, replace(base, status="skipped", finished_at=time.time()), first=True)
         claim = Claim(self.client, job.job_id, self.settings.claim_ttl)
-        if not claim.acquire(lambda: self._output_exists(job, keys)):
+        if not claim.acquire(lambda: self._done(job, keys)):
             return self._record(keys, replace(base, status="skipped", finished_at=time.time()), first=True)
         with claim:
             try:
@@ -175,7 +173,11 @@ class EditService:
             raise SchemaError("job has neither input_uri nor input_b64")
         return read_uri(job.input_uri)
 
-    def _output_exists(self, job: Job, keys: Keys) -> bool:
+    def _done(self, job: Job, keys: Keys) -> bool:
+        """Whether there is nothing left to do: the output exists (or, with overwrite, this batch has
+        recorded the job as done; resubmitting with --overwrite clears that record)."""
+        if job.overwrite:
+            return self.client.hget(keys.statuses, job.job_id) == b"done"
         if job.output_uri is None:
             return bool(self.client.hexists(keys.outputs, job.job_id))
         return uri_exists(job.output_uri)

@@ -1,0 +1,46 @@
+"""Helpers for the queue tests: a real redis-server per module, real worker processes, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from producer.local import LocalWorker, RedisServer, wait_registered
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def itsd(url: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `itsd` CLI in a subprocess against the broker at URL."""
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        env={**os.environ, **(env or {}), "ITSD_BROKER_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@contextmanager
+def workers(
+    redis: RedisServer, logs: Path, *specs: dict[str, str], concurrency: int = 1, env: dict[str, str] | None = None
+) -> Iterator[list[LocalWorker]]:
+    """One worker process per spec ({model name: artifact folder}), stopped (and checked gone) after."""
+    started = [
+        LocalWorker(redis.url, spec, f"w{i}", logs / f"w{i}-{time.monotonic_ns()}.log", concurrency, env).start()
+        for i, spec in enumerate(specs)
+    ]
+    try:
+        from core.queue import redis_client
+
+        wait_registered(redis_client(redis.url), sorted({m for s in specs for m in s}), started)
+        yield started
+    finally:
+        for worker in started:
+            worker.stop(grace=20)

@@ -1,0 +1,424 @@
+"""The fleet, for real: a redis-server, `itsd worker` processes (Celery prefork), tiny exported models,
+and the `itsd` CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import photo
+from fleet import itsd, workers
+from PIL import Image
+
+from core.queue import TASK_NAME, Keys, redis_client, status_counts
+from producer.cli import itsd as itsd_group
+from producer.local import RedisServer
+
+STEPS = ["--steps", "2", "--seed", "7", "--max-side", "64"]
+ITSD = [sys.executable, "-m", "producer.cli"]
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis"), appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def second_artifacts(tmp_path_factory):
+    """Another model (different weights, so a different identity) for routing tests."""
+    from export.exporter import export_checkpoint
+    from training.tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt2") / "m2", seed=1)
+    out = tmp_path_factory.mktemp("art2") / "m2-onnx"
+    export_checkpoint(str(ckpt), out, verify_parity=False)
+    return out
+
+
+def photos(folder: Path, count: int, size: tuple[int, int] = (64, 48)) -> Path:
+    for i in range(count):
+        target = folder / f"set{i % 3}" / f"p{i:03d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        photo(*size, seed=i).save(target)
+    return folder
+
+
+def batch_id(output: str) -> str:
+    return output.split("batch ", 1)[1].split(":", 1)[0]
+
+
+def test_fifty_images_match_itsd_edit_and_a_second_submit_recomputes_nothing(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 50)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2):
+        first = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize it",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--wait",
+            *STEPS,
+        )
+        assert first.returncode == 0, first.stderr
+        assert "50 done, 0 skipped" in first.stdout
+        again = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize it",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--wait",
+            *STEPS,
+        )
+        assert again.returncode == 0 and "0 queued, 50 already done" in again.stdout
+        assert batch_id(again.stdout) == batch_id(first.stdout)
+        status = itsd(redis.url, "status", batch_id(first.stdout), "--json")
+    summary = json.loads(status.stdout)
+    assert summary["counts"]["done"] == 50 and sum(w["done"] for w in summary["workers"].values()) == 50
+    reference = CliRunner().invoke(
+        itsd_group,
+        [
+            "edit",
+            str(inputs),
+            "-m",
+            str(tiny_artifacts),
+            "-i",
+            "Cartoonize it",
+            "-o",
+            str(tmp_path / "ref"),
+            "-q",
+            *STEPS,
+        ],
+    )
+    assert reference.exit_code == 0, reference.output
+    outputs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*.png"))
+    assert outputs == sorted(p.relative_to(inputs) for p in inputs.rglob("*.png"))
+    for relative in outputs:
+        fleet = np.asarray(Image.open(tmp_path / "out" / relative))
+        assert np.array_equal(fleet, np.asarray(Image.open(tmp_path / "ref" / relative))), relative
+
+
+def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 4)
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        run = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--wait",
+            *STEPS,
+        )
+    assert run.returncode == 1
+    assert "4 done" in run.stdout and "1 failed" in run.stdout
+    assert "invalid_image: cannot decode" in run.stderr
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 4
+
+
+def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 6)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, {"b": str(second_artifacts)}):
+        for model in ("a", "b"):
+            run = itsd(
+                redis.url,
+                "submit",
+                str(inputs),
+                "-i",
+                "Derain",
+                "-m",
+                model,
+                "-o",
+                str(tmp_path / model),
+                "--wait",
+                *STEPS,
+            )
+            assert run.returncode == 0, run.stderr
+            summary = json.loads(itsd(redis.url, "status", batch_id(run.stdout), "--json").stdout)
+            assert list(summary["workers"]) == [f"w{'ab'.index(model)}@{os.uname().nodename}"]
+    a, b = (np.asarray(Image.open(tmp_path / m / "set0" / "p000.png")) for m in "ab")
+    assert not np.array_equal(a, b)  # different weights, different pictures
+
+
+def test_a_pool_child_killed_mid_job_still_ends_with_exactly_one_output(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 1, size=(256, 256))
+    client = redis_client(redis.url)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2):
+        run = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--steps",
+            "400",
+            "--seed",
+            "1",
+            "--max-side",
+            "256",
+        )
+        bid = batch_id(run.stdout)
+        job_id = client.hkeys(Keys(bid).jobs)[0].decode()
+        deadline = time.monotonic() + 60
+        while (owner := client.get(Keys.claim(job_id))) is None:
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.02)
+        os.kill(int(owner.decode().split(":")[-2]), signal.SIGKILL)  # the pool child running the job
+        status = itsd(redis.url, "status", bid, "--json")
+        while json.loads(status.stdout)["counts"]["done"] < 1:
+            assert time.monotonic() < deadline + 120, status.stdout
+            time.sleep(0.5)
+            status = itsd(redis.url, "status", bid, "--json")
+    result = json.loads(status.stdout)
+    assert result["counts"] == {"done": 1, "skipped": 0, "failed": 0, "cancelled": 0}
+    assert int(client.hget(Keys(bid).attempts, job_id)) == 2  # delivered again after the kill
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["p000.png"]  # one output, no half-written temporary left behind
+
+
+def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
+    from celery import Celery
+
+    inputs = photos(tmp_path / "in", 1)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}) as (worker,):
+        sender = Celery(broker=redis.url)
+        sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle")
+        run = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--wait",
+            *STEPS,
+        )
+        assert run.returncode == 0 and "1 done" in run.stdout
+    assert "untrusted content of type pickle" in worker.log_path.read_text()
+    assert "pickled" not in json.dumps([json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)])
+    assert redis_client(redis.url).llen("itsd.a") == 0  # refused, not left to be delivered again
+
+
+def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 5)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        pass  # the model is registered; no worker runs while the batch is queued and cancelled
+    run = itsd(redis.url, "submit", str(inputs), "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"), *STEPS)
+    bid = batch_id(run.stdout)
+    cancelled = itsd(redis.url, "cancel", bid)
+    assert cancelled.returncode == 0 and "5 unfinished" in cancelled.stdout
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        client = redis_client(redis.url)
+        deadline = time.monotonic() + 60
+        while status_counts(client, Keys(bid))["cancelled"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inline_jobs_come_back_through_collect(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 3)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        run = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--inline",
+            "--wait",
+            *STEPS,
+        )
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3  # --wait collects
+    again = itsd(redis.url, "collect", batch_id(run.stdout), "--out", str(tmp_path / "copy"))
+    assert "collected 3" in again.stdout and (tmp_path / "copy" / "set1" / "p001.png").is_file()
+
+
+def test_a_manifest_gives_each_row_its_instruction_and_a_bad_row_fails_alone(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 2)
+    manifest = tmp_path / "jobs.jsonl"
+    rows = [
+        {"input": "in/set0/p000.png", "instruction": "Derain", "steps": 1},
+        {"input": "in/set1/p001.png", "output": "renamed.png", "seed": 3},
+        {"input": "in/set1/p001.png", "output": "other.png", "steps": "many"},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert inputs.is_dir()
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        run = itsd(
+            redis.url,
+            "submit",
+            str(manifest),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--wait",
+            *STEPS,
+        )
+    assert run.returncode == 1 and "2 done" in run.stdout and "1 refused" in run.stdout
+    assert "jobs.jsonl:3" in run.stderr and "steps" in run.stderr
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["p000.png", "renamed.png"]
+
+
+def test_storage_errors_are_retried_then_dead_lettered(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 1)
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    env = {"ITSD_MAX_RETRIES": "1"}
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
+        run = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--wait",
+            *STEPS,
+        )
+    assert run.returncode == 1 and "storage: " in run.stderr
+    dead = [json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)]
+    entry = next(e for e in dead if e["job"]["input_uri"].startswith(str(tmp_path)))
+    assert entry["attempts"] == 2 and entry["error_type"] == "storage"
+
+
+def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 30, size=(128, 128))
+    client = redis_client(redis.url)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        run = itsd(
+            redis.url,
+            "submit",
+            str(inputs),
+            "-i",
+            "Cartoonize",
+            "-m",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+            "--steps",
+            "20",
+            "--seed",
+            "2",
+            "--max-side",
+            "128",
+        )
+        bid = batch_id(run.stdout)
+        while status_counts(client, Keys(bid))["done"] < 5:
+            time.sleep(0.1)
+        before = {k: v for k, v in client.hgetall(Keys(bid).results).items()}
+        redis.restart()
+        waited = itsd(redis.url, "status", bid, "--json")
+        deadline = time.monotonic() + 240
+        while json.loads(waited.stdout)["counts"]["done"] < 30:
+            assert time.monotonic() < deadline, waited.stdout
+            time.sleep(1)
+            waited = itsd(redis.url, "status", bid, "--json")
+    after = client.hgetall(Keys(bid).results)
+    assert all(after[k] == v for k, v in before.items())  # nothing finished before the restart was lost
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 30
+
+
+def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts, tmp_path):
+    model = ["-m", str(tiny_artifacts)]
+    done = subprocess.Popen(
+        [*ITSD, "run", str(photos(tmp_path / "in", 3)), "-i", "Cartoonize", *model, "-o", str(tmp_path / "out"),
+         "--workers", "2", *STEPS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = set()
+    while done.poll() is None:
+        seen |= descendants(done.pid)
+        time.sleep(0.05)
+    assert done.returncode == 0, done.stderr.read()
+    assert len(seen) >= 5  # redis, two workers, their pool children
+    summary = json.loads((tmp_path / "out" / "itsd-run.json").read_text())
+    assert summary["counts"]["done"] == 3 and (tmp_path / "out" / "itsd-contact-sheet.jpg").is_file()
+    assert still_running(seen) == []
+
+    big = photos(tmp_path / "big", 3, size=(512, 512))  # 1000 steps at 512 px: long enough to interrupt
+    slow = subprocess.Popen(
+        [*ITSD, "run", str(big), "-i", "Derain", *model, "-o", str(tmp_path / "out2"), "--steps", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(seen := descendants(slow.pid)) < 3:  # redis, worker, pool child
+        assert time.monotonic() < deadline and slow.poll() is None
+        time.sleep(0.1)
+    time.sleep(3)  # a job is running
+    seen |= descendants(slow.pid)
+    slow.send_signal(signal.SIGINT)
+    assert slow.wait(60) == 130
+    assert "interrupted" in slow.stderr.read()
+    assert still_running(seen) == []
+
+
+def _stat(pid: str) -> tuple[int, str, str] | None:
+    """(parent pid, state, start time) of a process, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0], fields[19]
+
+
+def descendants(root: int) -> set[tuple[int, str]]:
+    """Every live process below ROOT, as (pid, start time) so a reused pid is not mistaken for it."""
+    stats = {int(p.name): _stat(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found, frontier = set(), [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, stat in stats.items():
+            if stat and stat[0] == parent and stat[1] != "Z":
+                found.add((pid, stat[2]))
+                frontier.append(pid)
+    return found
+
+
+def still_running(processes: set[tuple[int, str]]) -> list[int]:
+    alive = []
+    for pid, start in processes:
+        stat = _stat(str(pid))
+        if stat and stat[2] == start and stat[1] != "Z":
+            alive.append(pid)
+    return alive

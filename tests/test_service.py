@@ -1,0 +1,190 @@
+"""The worker's job handling (worker/service.py) against a real redis-server, with a stand-in model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import photo
+
+from core.errors import ProviderError
+from core.images import encode_image
+from core.job import Job, job_id_for
+from core.params import EditParams
+from core.queue import Keys, forget_results, queue_for, record_result, redact, redis_client, status_counts
+from core.settings import Settings
+from producer.local import RedisServer
+from worker.claims import Claim, owner_is_dead
+from worker.service import EditService, ModelSpec
+
+
+class Invert:
+    """A stand-in model: inverts the image, optionally slowly or failing with a transient error."""
+
+    def __init__(self, delay: float = 0.0, failures: int = 0) -> None:
+        self.delay, self.failures, self.calls = delay, failures, 0
+
+    def generate(self, pixels: np.ndarray, instruction: str, params: EditParams, seed: int) -> np.ndarray:
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.calls <= self.failures:
+            raise ProviderError("device lost")
+        return (255 - ((pixels[0].transpose(1, 2, 0) + 1) * 127.5)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def redis():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def client(redis):
+    client = redis_client(redis.url)
+    client.flushdb()
+    return client
+
+
+def service(client, backend: Invert, **settings) -> EditService:
+    spec = ModelSpec("m", "model-1", "stand-in", lambda: backend)
+    return EditService({"m": spec}, client, Settings(claim_ttl=2, **settings))
+
+
+def make_job(tmp_path: Path, name: str = "a.png", data: bytes | None = None, **fields) -> Job:
+    source = tmp_path / "in" / name
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(encode_image(photo(64, 64), name) if data is None else data)
+    params = EditParams(steps=1, seed=0, max_side=64)
+    job_id = job_id_for(name, "invert", params, "model-1")
+    return Job(
+        job_id,
+        "batch1",
+        "m",
+        "invert",
+        params,
+        str(tmp_path / "out" / name),
+        input_uri=str(source),
+        model_id="model-1",
+        **fields,
+    )
+
+
+def test_a_job_writes_its_output_and_records_a_done_result(client, tmp_path):
+    job = make_job(tmp_path)
+    result = service(client, Invert()).handle(job.to_dict(), retries=0, worker="w")
+    assert result["status"] == "done" and result["attempts"] == 1 and result["width"] == 64
+    assert Path(job.output_uri).is_file() and result["size_bytes"] == Path(job.output_uri).stat().st_size
+    assert status_counts(client, Keys("batch1"))["done"] == 1
+    assert {"read", "decode", "edit", "encode", "write"} <= set(result["timings"])
+
+
+def test_a_job_whose_output_exists_is_skipped_unless_overwrite(client, tmp_path):
+    job = make_job(tmp_path)
+    Path(job.output_uri).parent.mkdir(parents=True)
+    Path(job.output_uri).write_bytes(b"earlier")
+    backend = Invert()
+    assert service(client, backend).handle(job.to_dict(), 0, "w")["status"] == "skipped"
+    assert backend.calls == 0 and Path(job.output_uri).read_bytes() == b"earlier"
+    again = Job.from_dict({**job.to_dict(), "overwrite": True})
+    assert service(client, backend).handle(again.to_dict(), 0, "w")["status"] == "done"
+    assert Path(job.output_uri).read_bytes() != b"earlier"
+
+
+def test_a_corrupt_image_fails_permanently_with_its_reason(client, tmp_path):
+    job = make_job(tmp_path, "bad.jpg", data=b"not an image at all")
+    result = service(client, Invert()).handle(job.to_dict(), 0, "w")
+    assert result["status"] == "failed" and result["error_type"] == "invalid_image"
+    assert "cannot decode" in result["error_message"]
+    assert client.llen(Keys.dead) == 0  # permanent failures are not dead-lettered: nothing to retry
+
+
+def test_a_job_for_another_model_identity_is_refused(client, tmp_path):
+    job = Job.from_dict({**make_job(tmp_path).to_dict(), "model_id": "model-2"})
+    result = service(client, Invert()).handle(job.to_dict(), 0, "w")
+    assert result["error_type"] == "invalid_model" and "model-2" in result["error_message"]
+
+
+def test_transient_errors_are_raised_for_retry_then_dead_lettered_with_the_payload(client, tmp_path):
+    job = make_job(tmp_path)
+    svc = service(client, Invert(failures=10), max_retries=2)
+    for retries in (0, 1):
+        with pytest.raises(ProviderError):
+            svc.handle(job.to_dict(), retries, "w")
+    result = svc.handle(job.to_dict(), 2, "w")
+    assert result["status"] == "failed" and result["error_type"] == "provider" and result["attempts"] == 3
+    entry = json.loads(client.lindex(Keys.dead, 0))
+    assert entry["job"] == job.to_dict() and entry["attempts"] == 3
+    assert client.get(Keys.claim(job.job_id)) is None  # the claim is released on every path
+
+
+def test_a_cancelled_batch_records_its_jobs_as_cancelled_without_running_them(client, tmp_path):
+    job = make_job(tmp_path)
+    client.hset(Keys("batch1").batch, "cancelled", 1)
+    backend = Invert()
+    assert service(client, backend).handle(job.to_dict(), 0, "w")["status"] == "cancelled"
+    assert backend.calls == 0 and not Path(job.output_uri).exists()
+
+
+def test_a_malformed_payload_is_refused_and_dead_lettered(client):
+    result = service(client, Invert()).handle({"job_id": "j", "schema_version": 99}, 0, "w")
+    assert result["status"] == "failed" and result["error_type"] == "schema"
+    assert json.loads(client.lindex(Keys.dead, 0))["job"]["job_id"] == "j"
+
+
+def test_a_redelivered_job_waits_for_the_running_copy_instead_of_computing_twice(client, tmp_path):
+    job = make_job(tmp_path)
+    slow, duplicate = Invert(delay=1.5), Invert()
+    first = threading.Thread(target=service(client, slow).handle, args=(job.to_dict(), 0, "w1"))
+    first.start()
+    while client.get(Keys.claim(job.job_id)) is None:
+        time.sleep(0.01)
+    result = service(client, duplicate).handle(job.to_dict(), 0, "w2")
+    first.join()
+    assert result["status"] == "skipped" and duplicate.calls == 0 and slow.calls == 1
+    stored = json.loads(client.hget(Keys("batch1").results, job.job_id))
+    assert stored["status"] == "done" and stored["worker"] == "w1"  # the skip did not hide the done result
+    assert status_counts(client, Keys("batch1")) == {"done": 1, "skipped": 0, "failed": 0, "cancelled": 0}
+
+
+def test_a_claim_left_by_a_dead_process_on_this_host_is_taken_over_at_once(client):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from worker.claims import HOST
+
+    owner = f"{HOST}:{dead.stdout.strip()}:dead"
+    client.set(Keys.claim("j"), owner, px=60_000)
+    assert owner_is_dead(owner) and not owner_is_dead(f"elsewhere:{dead.stdout.strip()}:x")
+    claim = Claim(client, "j", ttl=5)
+    assert claim.try_acquire() and client.get(Keys.claim("j")).decode() == claim.owner
+
+
+def test_a_held_claim_is_renewed_while_the_job_runs(client):
+    claim = Claim(client, "j", ttl=1)
+    assert claim.try_acquire()
+    with claim:
+        time.sleep(2.5)  # past the TTL: only renewal keeps it
+        assert client.get(Keys.claim("j")).decode() == claim.owner
+    assert client.get(Keys.claim("j")) is None
+
+
+def test_counts_follow_results_when_one_is_replaced_or_forgotten(client):
+    keys = Keys("b")
+    record_result(client, keys, {"job_id": "j", "status": "failed"}, 60)
+    record_result(client, keys, {"job_id": "j", "status": "skipped"}, 60, first=True)  # kept: one exists
+    assert status_counts(client, keys)["failed"] == 1
+    record_result(client, keys, {"job_id": "j", "status": "done"}, 60)
+    assert status_counts(client, keys) == {"done": 1, "skipped": 0, "failed": 0, "cancelled": 0}
+    forget_results(client, keys, ["j"])
+    assert sum(status_counts(client, keys).values()) == 0 and client.hlen(keys.results) == 0
+
+
+def test_queue_names_and_urls_are_checked_and_passwords_redacted():
+    assert queue_for("cartoon") == "itsd.cartoon"
+    with pytest.raises(Exception, match="model name"):
+        queue_for("bad name!")
+    assert redact("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
