@@ -202,6 +202,31 @@ def test_a_pool_child_killed_mid_job_still_ends_with_exactly_one_output(redis, t
     assert files == ["p000.png"]  # one output, no half-written temporary left behind
 
 
+def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 1, size=(256, 256))
+    client = redis_client(redis.url)
+    env = {"ITSD_VISIBILITY_TIMEOUT": "6"}  # an abandoned job is handed out again after 6 s
+    spec = {"a": str(tiny_artifacts)}
+    with workers(redis, tmp_path, spec, spec, env=env) as fleet:
+        run = itsd(redis.url, "submit", str(inputs), "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"),
+                   "--steps", "300", "--seed", "1", "--max-side", "256")  # fmt: skip
+        bid = batch_id(run.stdout)
+        job_id = client.hkeys(Keys(bid).jobs)[0].decode()
+        deadline = time.monotonic() + 60
+        while (owner := client.get(Keys.claim(job_id))) is None:
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.02)
+        child = owner.decode().split(":")[-2]
+        parent = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        (running,) = [w for w in fleet if w.process.pid == parent]
+        running.kill()  # SIGKILL to the worker and its pool child: nothing acknowledges the job
+        while status_counts(client, Keys(bid))["done"] < 1:
+            assert time.monotonic() < deadline + 180
+            time.sleep(0.5)
+    assert json.loads(client.hget(Keys(bid).results, job_id))["worker"] != f"{running.name}@{os.uname().nodename}"
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
+
+
 def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
     from celery import Celery
 
