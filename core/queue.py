@@ -44,13 +44,22 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
 def tls_options(url: str) -> dict[str, Any] | None:
-    """Certificate checking for rediss:// (Celery refuses a rediss URL without a policy): required by
-    default; `?ssl_cert_reqs=none|optional|required` in the URL chooses another."""
+    """TLS settings for Celery from a rediss:// URL's query (redis-py reads the same query itself):
+    `ssl_cert_reqs=required|optional|none` (default required: certificates are checked), and
+    `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` paths. None for plain redis://."""
     parts = urlsplit(url)
-    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+    if parts.scheme != "rediss":
         return None
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise InvalidParameters(f"ssl_cert_reqs must be required, optional or none, got {query['ssl_cert_reqs']!r}")
+    return {"ssl_cert_reqs": _CERT_REQS[reqs], **{key: query[key] for key in _TLS_FILES if key in query}}
 
 
 def celery_config(url: str, settings: Settings) -> dict[str, Any]:

@@ -43,7 +43,13 @@ class RedisServer:
     """A password-protected redis-server on a free loopback port. `appendonly=True` keeps queued jobs and
     results across `restart()` (what compose's Redis does)."""
 
-    def __init__(self, folder: Path | None = None, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path | None = None,
+        appendonly: bool = False,
+        port: int | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise InvalidParameters(
                 "redis-server is not installed: apt-get install redis-server (or pass --broker URL to use another)"
@@ -53,16 +59,33 @@ class RedisServer:
         self.appendonly = appendonly
         self.port = port or free_port()
         self.password = secrets.token_hex(16)
+        self.tls = tls  # (certificate, key, CA): serve TLS only, at rediss://
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
+        if self.tls:
+            query = f"ssl_cert_reqs=required&ssl_ca_certs={self.tls[2]}"
+            return f"rediss://:{self.password}@localhost:{self.port}/0?{query}"
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def _listen(self) -> list[str]:
+        if not self.tls:
+            return [f"port {self.port}"]
+        cert, key, ca = self.tls
+        return [
+            "port 0",
+            f"tls-port {self.port}",
+            f'tls-cert-file "{cert}"',
+            f'tls-key-file "{key}"',
+            f'tls-ca-cert-file "{ca}"',
+            "tls-auth-clients no",
+        ]
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         config = "\n".join(
             [
-                f"port {self.port}",
+                *self._listen(),
                 "bind 127.0.0.1",
                 f"requirepass {self.password}",  # on stdin, not argv: `ps` shows no password
                 f'dir "{self.folder}"',
@@ -92,7 +115,7 @@ class RedisServer:
     def _wait_ready(self, timeout: float) -> None:
         import redis
 
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1, socket_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:

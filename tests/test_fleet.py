@@ -447,3 +447,25 @@ def still_running(processes: set[tuple[int, str]]) -> list[int]:
         if stat and stat[2] == start and stat[1] != "Z":
             alive.append(pid)
     return alive
+
+
+def certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a localhost certificate it signed, made with the openssl command."""
+    (folder / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for command in (
+        "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=itsd-test-ca -keyout ca.key -out ca.pem",
+        "req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr",
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile san.cnf -out server.pem",
+    ):
+        subprocess.run(["openssl", *command.split()], check=True, capture_output=True, cwd=folder)
+    return folder / "server.pem", folder / "server.key", folder / "ca.pem"
+
+
+def test_the_fleet_works_over_tls_with_checked_certificates(tiny_artifacts, tmp_path):
+    tls = certificates(tmp_path)
+    inputs = photos(tmp_path / "in", 2)
+    with RedisServer(tls=tls) as secure, workers(secure, tmp_path, {"a": str(tiny_artifacts)}):
+        assert secure.url.startswith("rediss://") and "ssl_cert_reqs=required" in secure.url
+        run = itsd(secure.url, "submit", str(inputs), "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"),
+                   "--wait", *STEPS)  # fmt: skip
+    assert run.returncode == 0 and "2 done" in run.stdout, run.stderr

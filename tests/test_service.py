@@ -188,3 +188,29 @@ def test_queue_names_and_urls_are_checked_and_passwords_redacted():
     with pytest.raises(Exception, match="model name"):
         queue_for("bad name!")
     assert redact("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
+
+
+def test_rediss_urls_check_certificates_unless_told_otherwise():
+    import ssl
+
+    from core.queue import celery_config, tls_options
+
+    assert tls_options("redis://h:6379/0") is None
+    assert tls_options("rediss://h:6379/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    options = tls_options("rediss://h/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem")
+    assert options == {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_ca_certs": "/ca.pem"}
+    config = celery_config("rediss://:pw@h/0", Settings())
+    assert config["broker_use_ssl"] == config["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    with pytest.raises(Exception, match="ssl_cert_reqs"):
+        tls_options("rediss://h/0?ssl_cert_reqs=maybe")
+
+
+def test_celery_settings_make_jobs_safe_to_redeliver():
+    from core.queue import celery_config
+
+    config = celery_config("redis://h/0", Settings(visibility_timeout=900))
+    assert config["accept_content"] == ["json"] and config["task_serializer"] == "json"
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    for options in ("broker_transport_options", "result_backend_transport_options"):
+        assert config[options]["visibility_timeout"] == 900
