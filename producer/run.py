@@ -76,21 +76,21 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _sheet_pairs(client: Any, batch_id: str) -> list[tuple[Path, Path]]:
+def _sheet_rows(client: Any, batch_id: str) -> list[tuple[Path, Path, str]]:
     done = sorted((r for r in results(client, batch_id) if r.status == "done"), key=lambda r: r.output_uri or "")
-    pairs = []
+    rows = []
     for result in done[:SHEET_ROWS]:
         job = Job.from_dict(json.loads(client.hget(Keys(batch_id).jobs, result.job_id)))
         if job.input_uri and job.output_uri and "://" not in job.input_uri + job.output_uri:
-            pairs.append((Path(job.input_uri), Path(job.output_uri)))
-    return pairs
+            rows.append((Path(job.input_uri), Path(job.output_uri), f"{job.relative}: {job.instruction}"))
+    return rows
 
 
 def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) -> dict[str, Any]:
     found = list(results(broker.client, batch_id))
-    pairs = _sheet_pairs(broker.client, batch_id)
-    if pairs:
-        write_contact_sheet(pairs, f"{info['instruction']}  (input | output)", out / SHEET_NAME)
+    rows = _sheet_rows(broker.client, batch_id)
+    if rows:
+        write_contact_sheet(rows, out / SHEET_NAME)
     summary = {
         **info,
         "batch_id": batch_id,
@@ -101,7 +101,7 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
             for r in found
             if r.status == "failed"
         ],
-        "contact_sheet": str(out / SHEET_NAME) if pairs else None,
+        "contact_sheet": str(out / SHEET_NAME) if rows else None,
     }
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -109,7 +109,9 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
 
 @click.command()
 @click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
-@click.option("--instruction", "-i", required=True, help='What to do, e.g. "Cartoonize the image".')
+@click.option(
+    "--instruction", "-i", default="", help='What to do, e.g. "Cartoonize the image"; a manifest row may give its own.'
+)
 @click.option(
     "--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for outputs."
 )
@@ -140,13 +142,13 @@ def run(
     """Edit INPUTS... (files, folders, globs, manifests) on this machine: start Redis and workers, run
     the batch with a progress bar, stop everything. Outputs mirror the inputs under OUT, with a summary
     (itsd-run.json) and a before/after contact sheet (itsd-contact-sheet.jpg)."""
-    if not instruction.strip():
-        raise click.BadParameter("the instruction is empty", param_hint="--instruction")
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     settings = Settings.from_env()
     start = time.perf_counter()
     try:
         sources, rejected = collect_sources(list(inputs), instruction.strip(), params)
+        if any(not s.instruction for s in sources):
+            raise click.BadParameter("the instruction is empty", param_hint="--instruction")
         check_destination([InputFile(Path(s.uri), s.relative) for s in sources if "://" not in s.uri], out)
         artifacts = artifacts_for(model, settings, say)
         manifest = Manifest.read(artifacts)

@@ -44,3 +44,8 @@ def workers(
     finally:
         for worker in started:
             worker.stop(grace=20)
+
+
+def submit(url: str, inputs: Path, out: Path, instruction: str, *options: str, model: str = "a"):
+    """`itsd submit INPUTS -i INSTRUCTION -m MODEL -o OUT [options]` against the broker at URL."""
+    return itsd(url, "submit", str(inputs), "-i", instruction, "-m", model, "-o", str(out), *options)

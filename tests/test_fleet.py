@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import photo
-from fleet import itsd, workers
+from fleet import itsd, submit, workers
 from PIL import Image
 
 from core.queue import TASK_NAME, Keys, redis_client, status_counts
@@ -59,34 +59,10 @@ def batch_id(output: str) -> str:
 def test_fifty_images_match_itsd_edit_and_a_second_submit_recomputes_nothing(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 50)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2):
-        first = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize it",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--wait",
-            *STEPS,
-        )
+        first = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize it", "--wait", *STEPS)
         assert first.returncode == 0, first.stderr
         assert "50 done, 0 skipped" in first.stdout
-        again = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize it",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--wait",
-            *STEPS,
-        )
+        again = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize it", "--wait", *STEPS)
         assert again.returncode == 0 and "0 queued, 50 already done" in again.stdout
         assert batch_id(again.stdout) == batch_id(first.stdout)
         status = itsd(redis.url, "status", batch_id(first.stdout), "--json")
@@ -119,19 +95,7 @@ def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_
     inputs = photos(tmp_path / "in", 4)
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        run = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--wait",
-            *STEPS,
-        )
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
     assert run.returncode == 1
     assert "4 done" in run.stdout and "1 failed" in run.stdout
     assert "invalid_image: cannot decode" in run.stderr
@@ -142,19 +106,7 @@ def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second
     inputs = photos(tmp_path / "in", 6)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, {"b": str(second_artifacts)}):
         for model in ("a", "b"):
-            run = itsd(
-                redis.url,
-                "submit",
-                str(inputs),
-                "-i",
-                "Derain",
-                "-m",
-                model,
-                "-o",
-                str(tmp_path / model),
-                "--wait",
-                *STEPS,
-            )
+            run = submit(redis.url, str(inputs), str(tmp_path / model), "Derain", "--wait", *STEPS, model=model)
             assert run.returncode == 0, run.stderr
             summary = json.loads(itsd(redis.url, "status", batch_id(run.stdout), "--json").stdout)
             assert list(summary["workers"]) == [f"w{'ab'.index(model)}@{os.uname().nodename}"]
@@ -162,41 +114,36 @@ def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second
     assert not np.array_equal(a, b)  # different weights, different pictures
 
 
+def start_slow_job(redis, inputs: Path, out: Path, steps: int) -> tuple[str, str, int]:
+    """Submit one long job and wait until a pool child runs it: (batch id, job id, that child's pid)."""
+    client = redis_client(redis.url)
+    run = submit(
+        redis.url, str(inputs), str(out), "Cartoonize", "--steps", str(steps), "--seed", "1", "--max-side", "256"
+    )
+    bid = batch_id(run.stdout)
+    job_id = client.hkeys(Keys(bid).jobs)[0].decode()
+    deadline = time.monotonic() + 60
+    while (owner := client.get(Keys.claim(job_id))) is None:  # the claim names its owner: host:pid:nonce
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.02)
+    return bid, job_id, int(owner.decode().split(":")[-2])
+
+
+def wait_done(client, bid: str, timeout: float = 180) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while (counts := status_counts(client, Keys(bid)))["done"] < 1:
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.5)
+    return counts
+
+
 def test_a_pool_child_killed_mid_job_still_ends_with_exactly_one_output(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 1, size=(256, 256))
     client = redis_client(redis.url)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2):
-        run = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--steps",
-            "400",
-            "--seed",
-            "1",
-            "--max-side",
-            "256",
-        )
-        bid = batch_id(run.stdout)
-        job_id = client.hkeys(Keys(bid).jobs)[0].decode()
-        deadline = time.monotonic() + 60
-        while (owner := client.get(Keys.claim(job_id))) is None:
-            assert time.monotonic() < deadline, "the job never started"
-            time.sleep(0.02)
-        os.kill(int(owner.decode().split(":")[-2]), signal.SIGKILL)  # the pool child running the job
-        status = itsd(redis.url, "status", bid, "--json")
-        while json.loads(status.stdout)["counts"]["done"] < 1:
-            assert time.monotonic() < deadline + 120, status.stdout
-            time.sleep(0.5)
-            status = itsd(redis.url, "status", bid, "--json")
-    result = json.loads(status.stdout)
-    assert result["counts"] == {"done": 1, "skipped": 0, "failed": 0, "cancelled": 0}
+        bid, job_id, child = start_slow_job(redis, inputs, tmp_path / "out", steps=400)
+        os.kill(child, signal.SIGKILL)
+        assert wait_done(client, bid) == {"done": 1, "skipped": 0, "failed": 0, "cancelled": 0}
     assert int(client.hget(Keys(bid).attempts, job_id)) == 2  # delivered again after the kill
     files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert files == ["p000.png"]  # one output, no half-written temporary left behind
@@ -208,21 +155,11 @@ def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_
     env = {"ITSD_VISIBILITY_TIMEOUT": "6"}  # an abandoned job is handed out again after 6 s
     spec = {"a": str(tiny_artifacts)}
     with workers(redis, tmp_path, spec, spec, env=env) as fleet:
-        run = itsd(redis.url, "submit", str(inputs), "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"),
-                   "--steps", "300", "--seed", "1", "--max-side", "256")  # fmt: skip
-        bid = batch_id(run.stdout)
-        job_id = client.hkeys(Keys(bid).jobs)[0].decode()
-        deadline = time.monotonic() + 60
-        while (owner := client.get(Keys.claim(job_id))) is None:
-            assert time.monotonic() < deadline, "the job never started"
-            time.sleep(0.02)
-        child = owner.decode().split(":")[-2]
+        bid, job_id, child = start_slow_job(redis, inputs, tmp_path / "out", steps=300)
         parent = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
         (running,) = [w for w in fleet if w.process.pid == parent]
         running.kill()  # SIGKILL to the worker and its pool child: nothing acknowledges the job
-        while status_counts(client, Keys(bid))["done"] < 1:
-            assert time.monotonic() < deadline + 180
-            time.sleep(0.5)
+        assert wait_done(client, bid)["done"] == 1
     assert json.loads(client.hget(Keys(bid).results, job_id))["worker"] != f"{running.name}@{os.uname().nodename}"
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
 
@@ -235,19 +172,7 @@ def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifact
         sender = Celery(broker=redis.url)
         sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
         sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle")
-        run = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--wait",
-            *STEPS,
-        )
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
         assert run.returncode == 0 and "1 done" in run.stdout
     assert "untrusted content of type pickle" in worker.log_path.read_text()
     assert "pickled" not in json.dumps([json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)])
@@ -258,7 +183,7 @@ def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 5)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
         pass  # the model is registered; no worker runs while the batch is queued and cancelled
-    run = itsd(redis.url, "submit", str(inputs), "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"), *STEPS)
+    run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", *STEPS)
     bid = batch_id(run.stdout)
     cancelled = itsd(redis.url, "cancel", bid)
     assert cancelled.returncode == 0 and "5 unfinished" in cancelled.stdout
@@ -274,20 +199,7 @@ def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
 def test_inline_jobs_come_back_through_collect(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 3)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        run = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--inline",
-            "--wait",
-            *STEPS,
-        )
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--inline", "--wait", *STEPS)
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "out").rglob("*.png"))) == 3  # --wait collects
     again = itsd(redis.url, "collect", batch_id(run.stdout), "--out", str(tmp_path / "copy"))
@@ -305,19 +217,7 @@ def test_a_manifest_gives_each_row_its_instruction_and_a_bad_row_fails_alone(red
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert inputs.is_dir()
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        run = itsd(
-            redis.url,
-            "submit",
-            str(manifest),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--wait",
-            *STEPS,
-        )
+        run = submit(redis.url, str(manifest), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
     assert run.returncode == 1 and "2 done" in run.stdout and "1 refused" in run.stdout
     assert "jobs.jsonl:3" in run.stderr and "steps" in run.stderr
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["p000.png", "renamed.png"]
@@ -328,19 +228,7 @@ def test_storage_errors_are_retried_then_dead_lettered(redis, tiny_artifacts, tm
     (tmp_path / "out").write_text("a file where the output folder should be")
     env = {"ITSD_MAX_RETRIES": "1"}
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
-        run = itsd(
-            redis.url,
-            "submit",
-            str(inputs),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-            "--wait",
-            *STEPS,
-        )
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
     assert run.returncode == 1 and "storage: " in run.stderr
     dead = [json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)]
     entry = next(e for e in dead if e["job"]["input_uri"].startswith(str(tmp_path)))
@@ -351,16 +239,11 @@ def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis
     inputs = photos(tmp_path / "in", 30, size=(128, 128))
     client = redis_client(redis.url)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        run = itsd(
+        run = submit(
             redis.url,
-            "submit",
             str(inputs),
-            "-i",
-            "Cartoonize",
-            "-m",
-            "a",
-            "-o",
             str(tmp_path / "out"),
+            "Cartoonize",
             "--steps",
             "20",
             "--seed",
@@ -387,10 +270,23 @@ def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis
 def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts, tmp_path):
     model = ["-m", str(tiny_artifacts)]
     done = subprocess.Popen(
-        [*ITSD, "run", str(photos(tmp_path / "in", 3)), "-i", "Cartoonize", *model, "-o", str(tmp_path / "out"),
-         "--workers", "2", *STEPS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            *ITSD,
+            "run",
+            str(photos(tmp_path / "in", 3)),
+            "-i",
+            "Cartoonize",
+            *model,
+            "-o",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            *STEPS,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = set()
     while done.poll() is None:
         seen |= descendants(done.pid)
@@ -404,8 +300,10 @@ def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts,
     big = photos(tmp_path / "big", 3, size=(512, 512))  # 1000 steps at 512 px: long enough to interrupt
     slow = subprocess.Popen(
         [*ITSD, "run", str(big), "-i", "Derain", *model, "-o", str(tmp_path / "out2"), "--steps", "1000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while len(seen := descendants(slow.pid)) < 3:  # redis, worker, pool child
         assert time.monotonic() < deadline and slow.poll() is None
@@ -466,6 +364,5 @@ def test_the_fleet_works_over_tls_with_checked_certificates(tiny_artifacts, tmp_
     inputs = photos(tmp_path / "in", 2)
     with RedisServer(tls=tls) as secure, workers(secure, tmp_path, {"a": str(tiny_artifacts)}):
         assert secure.url.startswith("rediss://") and "ssl_cert_reqs=required" in secure.url
-        run = itsd(secure.url, "submit", str(inputs), "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"),
-                   "--wait", *STEPS)  # fmt: skip
+        run = submit(secure.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
     assert run.returncode == 0 and "2 done" in run.stdout, run.stderr
