@@ -216,3 +216,20 @@ def test_teacher_made_targets_are_reported_as_distances_to_the_teacher(tiny_arti
     assert "| cartoonization | tiny |" in table and "teacher output" in table
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["split"] == "all"
+
+
+def test_task_filter_with_an_instruction_checks_one_phrasing_on_one_task(dataset: Path, tiny_artifacts: Path, tmp_path):
+    text = "please remove the rain streaks from this picture"
+    result = run(
+        dataset, "--model", f"onnx={tiny_artifacts}", "--task", "derain", "--instruction", text, "--out", tmp_path,
+        "--steps", 1, "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(report["tasks"]) == ["derain"] and report["rows"] == 2
+    assert [row["instruction"] for row in report["per_row"]] == [text, text]
+
+
+def test_a_task_the_split_lacks_exits_non_zero_naming_the_tasks_it_has(dataset: Path, tiny_artifacts: Path, tmp_path):
+    result = run(dataset, "--model", tiny_artifacts, "--task", "sharpen", "--out", tmp_path, "--quiet")
+    assert result.exit_code != 0 and "sharpen" in result.output and "derain" in result.output

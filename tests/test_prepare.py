@@ -153,6 +153,23 @@ def test_synthetic_targets_are_clean_crops_and_inputs_are_degraded(photos: Path,
         assert r["instruction"] in load_templates(r["task"])
 
 
+def test_a_synthetic_mixture_can_hold_cartoonization_made_by_the_built_in_teacher(photos: Path, tmp_path: Path) -> None:
+    from training.teachers import cartoon
+
+    common = ["--clean", str(photos), "--validation-fraction", "0", "--test-fraction", "0"]
+    mixture = ["--task", "cartoonization", "--task", "denoise", "--samples-per-image", "3"]
+    code, output = prepare(str(tmp_path / "out"), *common, *mixture)
+    assert code == 0, output
+    table = rows(tmp_path / "out")
+    assert {r["task"] for r in table} == {"cartoonization", "denoise"}
+    cartoons = [r for r in table if r["task"] == "cartoonization"]
+    for r in cartoons:
+        np.testing.assert_array_equal(pixels(r["ground_truth_image"]), cartoon(pixels(r["input_image"])))
+        assert r["instruction"] in load_templates("cartoonization")
+    code, output = prepare(str(tmp_path / "bad"), *common, "--task", "sharpen")
+    assert code != 0 and "cartoonization" in output
+
+
 def test_paired_folders_stay_pixel_aligned_and_report_unmatched_files(photos: Path, tmp_path: Path) -> None:
     inputs, targets = tmp_path / "rainy", tmp_path / "clean"
     (inputs / "scene").mkdir(parents=True)

@@ -314,6 +314,50 @@ def test_resuming_from_a_checkpoint_gives_the_losses_of_an_uninterrupted_run(tin
     assert all(torch.allclose(final_whole[k], final_resumed[k], atol=1e-6) for k in final_whole)  # EMA too
 
 
+def test_training_the_text_encoder_saves_it_in_final_and_resumes_exactly(tiny_checkpoint, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    changes = dict(max_train_steps=4, checkpointing_steps=2, train_text_encoder=True, conditioning_dropout_prob=0.3)
+    whole = train(tiny_config(tiny_checkpoint, dataset, tmp_path / "whole", **changes))
+    resumed = train(
+        tiny_config(
+            tiny_checkpoint, dataset, tmp_path / "resumed", **changes, resume=str(tmp_path / "whole" / "checkpoint-2")
+        )
+    )
+    np.testing.assert_allclose(resumed, whole[2:], rtol=0, atol=1e-6)
+
+    weights = "text_encoder/model.safetensors"
+    base, final = load_file(tiny_checkpoint / weights), load_file(tmp_path / "whole" / "final" / weights)
+    again = load_file(tmp_path / "resumed" / "final" / weights)
+    assert any(not torch.equal(base[k], final[k]) for k in base)  # trained, not copied from the base
+    assert all(torch.allclose(final[k], again[k], atol=1e-6) for k in final)  # its EMA resumed too
+
+
+def test_a_frozen_text_encoder_is_copied_unchanged_into_final(tiny_checkpoint, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    train(tiny_config(tiny_checkpoint, dataset, tmp_path / "run", max_train_steps=2))
+    weights = "text_encoder/model.safetensors"
+    base, final = load_file(tiny_checkpoint / weights), load_file(tmp_path / "run" / "final" / weights)
+    assert all(torch.equal(base[k], final[k]) for k in base)
+
+
+def test_patches_can_be_cut_at_native_scale_instead_of_resizing_the_row():
+    from training.train import crop_pair
+
+    big = gradient_image(0, size=128)
+    rng = np.random.default_rng(0)
+    native, _ = crop_pair(big, big, 32, center=False, flip=False, rng=rng, resize=False)
+    resized, _ = crop_pair(big, big, 32, center=True, flip=False, rng=None, resize=True)
+    assert native.size == resized.size == (32, 32)
+    step = np.abs(np.diff(np.asarray(native, dtype=np.float64), axis=1)).mean()
+    assert step < 0.5 * np.abs(np.diff(np.asarray(resized, dtype=np.float64), axis=1)).mean()
+
+
 def test_resume_latest_picks_the_newest_checkpoint_and_a_finished_run_trains_no_more(
     tiny_checkpoint, dataset, tmp_path
 ):

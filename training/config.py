@@ -49,6 +49,8 @@ class TrainConfig:
     resolution: int = 256  # training side in px (reference runs: 256); pairs share one resize and crop
     center_crop: bool = False  # False = random crop (same box on input and target), as the reference
     random_flip: bool = False  # a flip is a valid augmentation for most edits, but the reference ran without
+    resize_before_crop: bool = True  # short side to `resolution` first; False: crop at native scale (keeps the
+    # size of noise, streaks and blur as prepared, e.g. 128-px patches of 256-px rows for a model run at 256)
     # --- optimisation
     train_batch_size: int = 2  # per device; with grad-accum 4 the reference's effective batch of 8
     gradient_accumulation_steps: int = 4
@@ -63,7 +65,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip; 0 = off
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: less optimizer memory on GPU
     conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
-    use_ema: bool = True  # EMA of UNet weights; the EMA weights are what final/ holds
+    train_text_encoder: bool = False  # also train the text encoder (a from-scratch model has no CLIP to keep)
+    use_ema: bool = True  # EMA of the trained weights (UNet, and text encoder if trained): what final/ holds
     ema_decay: float = 0.9999  # diffusers' EMAModel default (with its (1+t)/(10+t) warmup)
     gradient_checkpointing: bool = True  # ~halves activation memory for ~30% more compute (reference: on)
     mixed_precision: str = "auto"  # auto = bf16 (or fp16) on CUDA, fp32 on CPU; or no | fp16 | bf16

@@ -15,7 +15,7 @@ from core.edit import Backend
 from core.errors import ItsdError
 from core.options import edit_options
 from core.params import EditParams
-from training.dataset import Schema
+from training.dataset import TASK_COLUMN, Schema
 from training.evaluate import EvaluationError, detect_schema, load_split, write_report
 from training.evaluate import evaluate as run_evaluation
 from training.metrics import ClipScorer, ClipUnavailable, load_clip
@@ -34,6 +34,19 @@ def parse_models(ctx: click.Context, param: click.Parameter, values: tuple[str, 
             raise click.BadParameter(f"the model name {name!r} is given twice")
         models[name] = path
     return models
+
+
+def select_tasks(rows: Any, tasks: tuple[str, ...]) -> Any:
+    """The rows whose task column names one of `tasks`; a task the split lacks is a one-line error."""
+    if TASK_COLUMN not in rows.column_names:
+        raise click.ClickException(f"--task needs a '{TASK_COLUMN}' column; the dataset has none")
+    present = set(rows[TASK_COLUMN])
+    missing = sorted(set(tasks) - present)
+    if missing:
+        have = ", ".join(sorted(present))
+        raise click.ClickException(f"no rows of task(s) {', '.join(missing)}; the split has {have}")
+    wanted = set(tasks)
+    return rows.select([i for i, task in enumerate(rows[TASK_COLUMN]) if task in wanted])
 
 
 def load_models(models: dict[str, str], backend: str | None) -> dict[str, Backend]:
@@ -71,6 +84,13 @@ def clip_or_reason(path: Path | None) -> tuple[ClipScorer | None, str]:
 )
 @click.option("--split", default="test", show_default=True, help="Split of a DatasetDict to evaluate on.")
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    metavar="NAME",
+    help="Evaluate only rows of this task (repeatable); with --instruction, a phrasing is checked per task.",
+)
 @click.option("--instruction", "-i", help="Use this instruction for every row instead of the row's own.")
 @click.option(
     "--clip-model",
@@ -105,6 +125,8 @@ def evaluate(dataset: Path, models: dict[str, str], out: Path, params: EditParam
         schema = detect_schema(rows.column_names, overrides)
     except EvaluationError as exc:
         raise click.ClickException(str(exc)) from None
+    if options["tasks"]:
+        rows = select_tasks(rows, options["tasks"])
     if options["limit"]:
         rows = rows.select(range(min(options["limit"], len(rows))))
     if len(rows) == 0:

@@ -34,7 +34,7 @@ from training.dataset import (
 )
 from training.degrade import TASK_DEGRADATIONS
 from training.sources import PairSource, PhotoSource, Source, SyntheticSource, produce
-from training.teachers import RANGES, CommandTeacher, OnnxTeacher, Teacher, cartoon
+from training.teachers import BUILTIN_TEACHERS, RANGES, CommandTeacher, OnnxTeacher, Teacher, cartoon
 from training.templates import load_templates, pick_template
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -109,7 +109,8 @@ task_options = bundle(
         callback=parse_tasks,
         metavar="NAME[=WEIGHT]",
         help="Task of the rows; repeat with weights for a synthetic mixture (derain=2). "
-        "Default: cartoonization for --photos, every degradation task for --clean.",
+        "Default: cartoonization for --photos, every degradation task for --clean (which can also mix in "
+        "cartoonization, made by the built-in cartoon teacher).",
     ),
     click.option(
         "--paraphrases",
@@ -210,12 +211,13 @@ def build_source(
         raise click.UsageError("--teacher-onnx and --teacher-command go with --photos")
     if clean:
         tasks = tasks or dict.fromkeys(TASK_DEGRADATIONS, 1.0)
-        unknown = sorted(set(tasks) - set(TASK_DEGRADATIONS))
+        known = [*TASK_DEGRADATIONS, *BUILTIN_TEACHERS]
+        unknown = sorted(set(tasks) - set(known))
         if unknown:
             raise click.UsageError(
-                f"no degradation for task(s) {', '.join(unknown)}; choose from {', '.join(TASK_DEGRADATIONS)}"
+                f"no degradation or teacher for task(s) {', '.join(unknown)}; choose from {', '.join(known)}"
             )
-        return SyntheticSource(clean, tasks)
+        return SyntheticSource(clean, tasks, BUILTIN_TEACHERS)
     if len(tasks) > 1:
         raise click.UsageError("a mixture of tasks needs --clean; --photos and --pairs take one --task")
     if pairs:

@@ -3,7 +3,9 @@ stable key, and turns one unit into examples: aligned (input, target) crops for 
 
 - `PhotoSource`: a folder of photos; a teacher makes each target from the cropped photo.
 - `PairSource`: paired folders matched by relative path and file stem (Rain13k, SIDD, LOL, REDS layouts).
-- `SyntheticSource`: clean photos; a seeded degradation of the crop is the input, the crop the target.
+- `SyntheticSource`: clean photos; a seeded degradation of the crop is the input, the crop the target. A task
+  with a teacher instead (cartoonization) takes the clean crop as input and the teacher's output as target,
+  so one dataset can mix restoration and teacher tasks.
 All randomness comes from `rng_for(seed, key, ...)`, so a unit gives the same examples in any order.
 """
 
@@ -91,8 +93,8 @@ class PairSource:
 
 
 class SyntheticSource:
-    def __init__(self, folder: Path, tasks: dict[str, float]) -> None:
-        self.folder, self.tasks = folder, tasks
+    def __init__(self, folder: Path, tasks: dict[str, float], teachers: dict[str, Teacher] | None = None) -> None:
+        self.folder, self.tasks, self.teachers = folder, tasks, teachers or {}
         self.units = [Unit(key, (path,)) for key, path in find_images(folder).items()]
         total = sum(tasks.values())
         self.names, self.weights = list(tasks), np.array([w / total for w in tasks.values()])
@@ -103,7 +105,11 @@ class SyntheticSource:
             rng = rng_for(seed, "synthetic", unit.key, i)
             task = self.names[int(rng.choice(len(self.names), p=self.weights))]
             (clean,) = aligned_crop([photo], crop, rng)  # degrade after cropping: noise and streaks keep their scale
-            degraded, _, _ = degrade(np.ascontiguousarray(clean), task, rng)
+            clean = np.ascontiguousarray(clean)
+            if task in self.teachers:
+                yield Example(f"{unit.key}#{i}", task, clean, self.teachers[task](clean))
+                continue
+            degraded, _, _ = degrade(clean, task, rng)
             yield Example(f"{unit.key}#{i}", task, degraded, clean)
 
 

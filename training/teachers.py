@@ -53,6 +53,8 @@ class CartoonFilter:
 
 
 cartoon = CartoonFilter()
+# Tasks whose targets a built-in teacher makes from a clean photo: `itsd prepare --clean` can mix them in.
+BUILTIN_TEACHERS: dict[str, Teacher] = {"cartoonization": cartoon}
 
 # The value range the model's input expects, and how uint8 maps to it (and back).
 RANGES = {"unit": (0.0, 1.0), "signed": (-1.0, 1.0)}

@@ -34,6 +34,9 @@ SD15_SCHEDULER = {
 }
 
 # Model sizes as data. "tiny": the test models (~3 M parameters, latents 1/8 as in SD).
+# "itsd-tiny": the demo model (training/recipes/itsd_tiny.py), under 30 MB: a VAE with two encoder blocks
+# (latents 1/2 of the image, so fine detail survives for restoration), no attention anywhere but at the
+# UNet's lowest resolution (cheap at 512 px), and v-prediction, which trains faster from scratch.
 # "sd15": Stable Diffusion 1.5's architecture (860 M UNet, CLIP ViT-L/14 text tower), for benchmarks.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -56,6 +59,29 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 64,
         },
         "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    },
+    "itsd-tiny": {
+        "unet": {
+            "sample_size": 64,
+            "block_out_channels": (32, 64, 128),
+            "layers_per_block": 1,
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "mid_block_add_attention": False,  # attention over every latent pixel would cost O(pixels^2)
+            "sample_size": 128,
+        },
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "scheduler": {"prediction_type": "v_prediction"},
     },
     "sd15": {
         "unet": {"sample_size": 64, "cross_attention_dim": 768},  # diffusers' defaults are SD 1.5's
@@ -105,7 +131,7 @@ def build_tiny_checkpoint(out: Path, seed: int = 0, unet_in_channels: int = 8, p
         text_encoder=text_encoder_for(preset),
         tokenizer=clip_tokenizer(out / "_tokenizer_src"),
         unet=unet_for(preset, unet_in_channels),
-        scheduler=EulerAncestralDiscreteScheduler(**SD15_SCHEDULER),
+        scheduler=EulerAncestralDiscreteScheduler(**{**SD15_SCHEDULER, **PRESETS[preset].get("scheduler", {})}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

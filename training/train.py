@@ -62,7 +62,8 @@ def train(cfg: TrainConfig) -> list[float]:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
-    # ---- models: frozen VAE and text encoder in the compute dtype; the trained UNet stays fp32 (autocast)
+    # ---- models: frozen parts in the compute dtype; the trained ones (UNet, maybe text encoder) stay fp32
+
     models = load_models(Path(cfg.pretrained))
     tokenizer, text_encoder, vae, unet, noise_scheduler = (
         models.tokenizer,
@@ -71,18 +72,20 @@ def train(cfg: TrainConfig) -> list[float]:
         models.unet,
         models.noise_scheduler,
     )
-    for frozen in (vae, text_encoder):
+    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
+    for frozen in [vae] if cfg.train_text_encoder else [vae, text_encoder]:
         frozen.requires_grad_(False).eval().to(device)
         if weight_dtype != torch.float32:
             frozen.to(dtype=weight_dtype)
-    unet.train()
+    for model in trained:
+        model.train().to(device)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     ema = None
     if cfg.use_ema:  # made before prepare(), from the same (deterministic) weights on every process
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+        ema = EMAModel(parameters_of(trained), decay=cfg.ema_decay)
         ema.to(device)
-    optimizer = make_optimizer(unet.parameters(), cfg)
+    optimizer = make_optimizer(parameters_of(trained), cfg)
 
     # ---- data: a weighted mixture over tasks, step-keyed so that resuming replays nothing and skips nothing
     pairs = PairDataset(rows, cfg, tokenizer)
@@ -91,7 +94,10 @@ def train(cfg: TrainConfig) -> list[float]:
     if cfg.validation_steps and accelerator.is_main_process:
         validation = validation_rows(PairDataset(held_out, cfg, tokenizer), cfg.num_validation_rows)
 
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    unet = trained[0]
+    if cfg.train_text_encoder:
+        text_encoder = trained[1]
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -120,8 +126,9 @@ def train(cfg: TrainConfig) -> list[float]:
             num_workers=cfg.dataloader_num_workers,
         )
     )
-    with torch.no_grad():  # the empty prompt's embedding replaces dropped instructions
-        null_text = text_encoder(tokenize(tokenizer, [""]).to(device), return_dict=False)[0]
+    null_ids = tokenize(tokenizer, [""]).to(device)  # the empty prompt's embedding replaces dropped instructions
+    with torch.no_grad():
+        null_text = text_encoder(null_ids, return_dict=False)[0]
 
     writer = None
     if accelerator.is_main_process:
@@ -159,6 +166,8 @@ def train(cfg: TrainConfig) -> list[float]:
             batch = next(batches)
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
             latents, image_latents, text = encode_batch(batch, vae, text_encoder, gen, weight_dtype)
+            if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
+                null_text = text_encoder(null_ids, return_dict=False)[0]
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
             timesteps = torch.randint(
                 0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
@@ -172,17 +181,17 @@ def train(cfg: TrainConfig) -> list[float]:
             else:
                 target = noise
             last = micro == cfg.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(unet):  # sync grads once per step
+            with contextlib.nullcontext() if last else accelerator.no_sync(*trained):  # sync grads once per step
                 pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text, return_dict=False)[0]
                 loss = F.mse_loss(pred.float(), target.float())
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
             step_loss += loss.detach() / cfg.gradient_accumulation_steps
         if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+            accelerator.clip_grad_norm_(parameters_of(trained), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(parameters_of(trained))
 
         global_step = step + 1
         loss_value = accelerator.reduce(step_loss, reduction="mean").item()
@@ -194,10 +203,17 @@ def train(cfg: TrainConfig) -> list[float]:
         if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
         if cfg.validation_steps and global_step % cfg.validation_steps == 0:
-            with ema_weights(ema, unet):
+            with ema_weights(ema, parameters_of(trained)):
                 if accelerator.is_main_process:
                     run_validation(
-                        accelerator.unwrap_model(unet), models, vae, text_encoder, validation, cfg, global_step, writer
+                        accelerator.unwrap_model(unet),
+                        models,
+                        vae,
+                        accelerator.unwrap_model(text_encoder),
+                        validation,
+                        cfg,
+                        global_step,
+                        writer,
                     )
             accelerator.wait_for_everyone()
 
@@ -207,10 +223,10 @@ def train(cfg: TrainConfig) -> list[float]:
     # ---- the product: a diffusers IP2P checkpoint (EMA weights when EMA is on) for `itsd export`
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet)
+        finals = [accelerator.unwrap_model(model) for model in trained]
         if ema is not None:
-            ema.copy_to(final_unet.parameters())
-        save_final(final_unet, Path(cfg.pretrained), output_dir / "final")
+            ema.copy_to(parameters_of(finals))
+        save_final(finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:])
         if writer is not None:
             writer.close()
         log.info("saved %s", output_dir / "final")
@@ -294,7 +310,12 @@ def widen_conv_in(unet: torch.nn.Module, in_channels: int = 8) -> torch.nn.Modul
     return unet
 
 
-def make_optimizer(params: Iterator[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def parameters_of(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The parameters of every trained module, in one fixed order (optimizer, EMA and clipping agree)."""
+    return [param for module in modules for param in module.parameters()]
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
         try:
@@ -347,18 +368,20 @@ def tokenize(tokenizer: object, prompts: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
-@torch.no_grad()
 def encode_batch(
     batch: dict, vae: torch.nn.Module, text_encoder: torch.nn.Module, generator: torch.Generator, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(target latents sampled and scaled by the VAE's scaling factor, input-image latents from the VAE's
-    mode and not scaled, as the IP2P pipeline makes them at inference; instruction embeddings)."""
+    mode and not scaled, as the IP2P pipeline makes them at inference; instruction embeddings, with their
+    graph when the text encoder is being trained)."""
     device = vae.device
-    edited = batch["edited"].to(device, dtype)
-    original = batch["original"].to(device, dtype)
-    latents = vae.encode(edited).latent_dist.sample(generator) * vae.config.scaling_factor
-    image_latents = vae.encode(original).latent_dist.mode()
-    text = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+    with torch.no_grad():
+        edited = batch["edited"].to(device, dtype)
+        original = batch["original"].to(device, dtype)
+        latents = vae.encode(edited).latent_dist.sample(generator) * vae.config.scaling_factor
+        image_latents = vae.encode(original).latent_dist.mode()
+    with torch.set_grad_enabled(text_encoder.training):
+        text = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
     return latents, image_latents, text
 
 
@@ -376,17 +399,17 @@ def conditioning_dropout(
 
 
 @contextlib.contextmanager
-def ema_weights(ema: object | None, unet: torch.nn.Module) -> Iterator[None]:
-    """Swap the EMA weights into the UNet for the duration (validation), then put the trained ones back."""
+def ema_weights(ema: object | None, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Swap the EMA weights into the trained parameters for the duration (validation), then put them back."""
     if ema is None:
         yield
         return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(unet.parameters())
+        ema.restore(params)
 
 
 # ---------------------------------------------------------------- data
@@ -522,6 +545,7 @@ class PairDataset(torch.utils.data.Dataset):
             self.cfg.center_crop or rng is None,
             self.cfg.random_flip,
             rng,
+            self.cfg.resize_before_crop,
         )
         templates = self.paraphrases.get(self.tasks[index])
         if self.has_choices and row[self.cfg.instruction_choices_column]:
@@ -552,14 +576,15 @@ def crop_pair(
     center: bool,
     flip: bool,
     rng: np.random.Generator | None,
+    resize: bool = True,
 ) -> tuple[Image.Image, Image.Image]:
     """The target resized to the input's exact size (pixels stay aligned), then both cut with the same box
-    by `training.dataset.aligned_crop` (short side to `resolution`, centred or random square); optionally
-    both flipped."""
+    by `training.dataset.aligned_crop` (short side to `resolution` unless `resize` is off, then a centred or
+    random square); optionally both flipped."""
     if edited.size != original.size:
         edited = edited.resize(original.size, Image.Resampling.BICUBIC)
     random_box = not center and rng is not None
-    crop = Crop(resolution, "random" if random_box else "center")
+    crop = Crop(resolution, "random" if random_box else "center", resize)
     pair = aligned_crop([np.asarray(original), np.asarray(edited)], crop, rng if random_box else None)
     if flip and rng is not None and rng.random() < 0.5:
         pair = [np.ascontiguousarray(image[:, ::-1]) for image in pair]
@@ -633,13 +658,15 @@ def build_pipeline(
     )
 
 
-def save_final(unet: torch.nn.Module, pretrained: Path, out: Path) -> Path:
-    """The diffusers IP2P checkpoint folder (safetensors): the trained UNet with fp32 frozen parts reloaded
-    from `pretrained`, so nothing passes through a half-precision round trip."""
+def save_final(unet: torch.nn.Module, pretrained: Path, out: Path, text_encoder: torch.nn.Module | None = None) -> Path:
+    """The diffusers IP2P checkpoint folder (safetensors): the trained UNet (and text encoder, when it was
+    trained) with fp32 frozen parts reloaded from `pretrained`, so nothing passes through a half-precision
+    round trip."""
     fresh = load_models(pretrained, with_unet=False)
-    if unet.dtype != torch.float32:
-        unet.to(dtype=torch.float32)
-    pipe = build_pipeline(unet, fresh.vae, fresh.text_encoder, fresh)
+    for model in (unet, text_encoder):
+        if model is not None and model.dtype != torch.float32:
+            model.to(dtype=torch.float32)
+    pipe = build_pipeline(unet, fresh.vae, text_encoder or fresh.text_encoder, fresh)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 

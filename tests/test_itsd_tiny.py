@@ -1,0 +1,65 @@
+"""itsd-tiny: its recipe's pieces (photos, held-out split, the preset, the unseen phrasings) and, once
+committed, the checkpoint itself (size, format, loadability)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.recipes.itsd_tiny import HELD_OUT, TASKS
+from training.recipes.itsd_tiny_check import BAR_DB, UNSEEN, unseen_words
+from training.recipes.photos import PHOTOS, write_photos
+from training.templates import load_templates
+
+MODEL = Path(__file__).parents[1] / "models" / "itsd-tiny"
+MAX_BYTES = 30 * 1024 * 1024
+
+
+def test_the_held_out_photos_are_real_sample_photos_and_leave_most_for_training():
+    assert set(HELD_OUT) < set(PHOTOS) and len(PHOTOS) - len(HELD_OUT) >= 5
+
+
+def test_sample_photos_load_offline_as_rgb_png_files(tmp_path):
+    paths = write_photos(["chelsea", "flower", "grace_hopper"], tmp_path)
+    assert [p.name for p in paths] == ["chelsea.png", "flower.png", "grace_hopper.png"]
+    from PIL import Image
+
+    assert all(Image.open(p).mode == "RGB" for p in paths)
+    with pytest.raises(KeyError, match="astronaut"):
+        write_photos(["lena"], tmp_path)
+
+
+def test_every_task_has_an_unseen_phrasing_that_is_no_training_line_and_a_bar():
+    assert set(UNSEEN) == set(BAR_DB) == set(TASKS)
+    for task, text in UNSEEN.items():
+        assert text.strip().lower() not in {line.strip().lower() for line in load_templates(task)}
+        assert unseen_words(task, text), task  # each one also uses words no paraphrase of its task used
+
+
+def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_half_size_latents_and_v_prediction(tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from training.tiny import build_tiny_checkpoint
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        build_tiny_checkpoint(tmp_path / "base", preset="itsd-tiny")
+    )
+    assert pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 2
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert sum(p.stat().st_size for p in (tmp_path / "base").rglob("*") if p.is_file()) < MAX_BYTES
+
+
+@pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="models/itsd-tiny is not committed yet")
+def test_the_committed_model_is_a_safetensors_ip2p_checkpoint_under_30_mb():
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= MAX_BYTES
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(MODEL)
+    assert pipe.unet.config.in_channels == 8
+    assert pipe.tokenizer("").input_ids == [49406, 49407]  # the real CLIP tokenizer: start and end tokens
+    with torch.no_grad():
+        assert torch.isfinite(pipe.text_encoder(torch.tensor([[49406, 49407]]))[0]).all()

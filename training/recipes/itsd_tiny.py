@@ -1,0 +1,110 @@
+"""The itsd-tiny recipe: a small InstructPix2Pix model made from scratch on CPUs by the project's own tools.
+
+    python -m training.recipes.itsd_tiny --out DIR --seed 0
+
+1. photos: ten real photos that ship inside pip packages (training.recipes.photos); HELD_OUT are never
+   trained on: they are the test set.
+2. `itsd prepare` twice: the training photos and the held-out ones, each crop degraded (low light, noise,
+   rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row.
+3. the base checkpoint (training.tiny preset "itsd-tiny": random weights, the real CLIP tokenizer).
+4. its autoencoder trained from scratch on the training rows' images (training.autoencoder).
+5. `itsd train --config training/configs/itsd_tiny.toml`: UNet and text encoder together.
+DIR/train/final is the checkpoint; DIR/recipe.json records the seed, the timings and the VAE's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from training.autoencoder import (
+    AutoencoderConfig,
+    fit_scaling_factor,
+    load_images,
+    reconstruction_psnr,
+    train_autoencoder,
+)
+from training.dataset import as_pil
+from training.recipes.photos import PHOTOS, write_photos
+
+HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portrait: the test set
+TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
+CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
+TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
+AUTOENCODER = AutoencoderConfig(steps=500, learning_rate=2e-3)
+
+
+def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> None:
+    from training.prepare_cli import prepare as prepare_command
+
+    args = [str(out), "--clean", str(photos), "--paraphrases", "all", "--resolution", "256", "--quiet"]
+    args += [f"--task={task}" for task in TASKS]
+    args += ["--samples-per-image", str(samples), "--seed", str(seed), "--overwrite"]
+    fractions = {"train": ("0", "0"), "test": ("0", "1")}[split]
+    args += ["--validation-fraction", fractions[0], "--test-fraction", fractions[1]]
+    prepare_command.main(args, standalone_mode=False)
+
+
+def build_autoencoder(base: Path, data: Path, held_out: Path, seed: int) -> dict[str, float]:
+    """Train the base checkpoint's VAE in place; returns its figures (reconstruction PSNR on held-out rows)."""
+    import datasets
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    cfg = AutoencoderConfig(**{**AUTOENCODER.__dict__, "seed": seed})
+    images = load_images(datasets.load_from_disk(str(data))["train"], ["input_image", "ground_truth_image"])
+    losses = train_autoencoder(vae, images, cfg)
+    factor = fit_scaling_factor(vae, images, cfg)
+    vae.save_pretrained(base / "vae", safe_serialization=True)
+    test = datasets.load_from_disk(str(held_out))["test"]
+    targets = [np.asarray(as_pil(row["ground_truth_image"])) for row in test]
+    return {
+        "final_loss": float(np.mean(losses[-50:])),
+        "scaling_factor": factor,
+        "held_out_psnr_db": reconstruction_psnr(vae, targets),
+    }
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Working folder.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of every step.")
+def main(out: Path, seed: int) -> None:
+    """Make itsd-tiny from scratch into OUT (OUT/train/final is the checkpoint)."""
+    from training.config import load_config
+    from training.tiny import build_tiny_checkpoint
+    from training.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    record: dict[str, object] = {"seed": seed, "held_out": list(HELD_OUT), "seconds": {}}
+    seconds: dict[str, float] = record["seconds"]  # type: ignore[assignment]
+    start = time.perf_counter()
+    training_photos = [name for name in PHOTOS if name not in HELD_OUT]
+    write_photos(training_photos, out / "photos" / "train")
+    write_photos(HELD_OUT, out / "photos" / "test")
+    prepare(out / "photos" / "train", out / "data-train", seed, TRAIN_SAMPLES, "train")
+    prepare(out / "photos" / "test", out / "data-test", seed + 1, TEST_SAMPLES, "test")
+    seconds["prepare"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    base = build_tiny_checkpoint(out / "base", seed=seed, preset="itsd-tiny")
+    record["autoencoder"] = build_autoencoder(base, out / "data-train", out / "data-test", seed)
+    seconds["autoencoder"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    flags = {"pretrained": str(base), "dataset": str(out / "data-train"), "output_dir": str(out / "train")}
+    losses = train(load_config(CONFIG, [f"seed={seed}"], flags))
+    seconds["unet_and_text_encoder"] = time.perf_counter() - start
+    record["final_loss"] = float(np.mean(losses[-100:])) if losses else None
+    seconds["total"] = sum(seconds.values())
+    (out / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    click.echo(json.dumps(record, indent=2))
+    click.echo(f"checkpoint: {out / 'train' / 'final'}")
+
+
+if __name__ == "__main__":
+    main()

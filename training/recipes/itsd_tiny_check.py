@@ -1,0 +1,119 @@
+"""Check itsd-tiny against the bar of its issue, with the rows' own instructions and with phrasings that no
+training paraphrase used.
+
+    python -m training.recipes.itsd_tiny_check DATA-TEST ARTIFACTS --out DIR [edit options]
+
+Runs `itsd evaluate` once on the whole held-out split, then once per task with that task's UNSEEN phrasing
+(`--task T --instruction TEXT`), and prints one table: PSNR gain over the degraded input (for cartoonization:
+over the input's distance to the teacher's output) against the bar. Exit status 1 if a row misses it.
+Also writes DIR/itsd-tiny.jpg: the first held-out row of each task, input | output | target.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from PIL import Image, ImageDraw
+
+from core.options import edit_options
+from core.params import EditParams
+from training.evaluate import GRID_HEADER, GRID_TILE
+from training.templates import load_templates
+
+# Phrasings that are no line of training/instructions/<task>.txt (tests/test_itsd_tiny.py checks it).
+UNSEEN = {
+    "low_light": "The lights were off when I shot this, could you lift the shadows so we can see it?",
+    "denoise": "Please clean up the sensor speckle, it looks like sandpaper",
+    "derain": "The storm left wet streaks all over my shot, please wipe them away",
+    "deblur": "My hands shook when I took this, please steady it and sharpen the details",
+    "cartoonization": "Redraw this as a flat-colour comic panel with bold ink outlines",
+}
+# Minimum PSNR gain (dB) over the input; 0 = it must be positive (closer to the target than the input is).
+BAR_DB = {"low_light": 3.0, "denoise": 2.0, "derain": 0.0, "deblur": 0.0, "cartoonization": 0.0}
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def unseen_words(task: str, text: str) -> list[str]:
+    """Words of `text` that appear in none of the task's training paraphrases."""
+    seen = set().union(*(words(line) for line in load_templates(task)))
+    return sorted(words(text) - seen)
+
+
+def gains(metrics: Path, model: str) -> dict[str, dict[str, float]]:
+    report = json.loads(metrics.read_text())
+    return {
+        task: {"gain_db": s["models"][model]["gain_db"], "psnr": s["models"][model]["psnr"], "count": s["count"]}
+        for task, s in report["tasks"].items()
+    }
+
+
+def figure(grids: Path, tasks: list[str], out: Path) -> Path:
+    """One picture of the first held-out row of each task, input | output | target (cut from the grids)."""
+    label = 16
+    canvas = Image.new("RGB", (3 * GRID_TILE, len(tasks) * (GRID_TILE + label)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, task in enumerate(tasks):
+        grid = Image.open(grids / f"{task}.png").convert("RGB")
+        top = i * (GRID_TILE + label)
+        draw.text((4, top + 2), f"{task}: input | itsd-tiny | target", fill="black")
+        canvas.paste(grid.crop((0, GRID_HEADER, 3 * GRID_TILE, GRID_HEADER + GRID_TILE)), (0, top + label))
+    canvas.save(out, quality=85)
+    return out
+
+
+def run_evaluate(args: list[str]) -> None:
+    from training.evaluate_cli import evaluate
+
+    evaluate.main([*args, "--quiet"], standalone_mode=False)
+
+
+def edit_args(params: EditParams) -> list[str]:
+    args = ["--steps", str(params.steps), "--guidance-scale", str(params.guidance_scale)]
+    args += ["--image-guidance-scale", str(params.image_guidance_scale), "--max-side", str(params.max_side)]
+    args += ["--seed", str(params.seed if params.seed is not None else 0)]
+    return args + (["--scheduler", params.scheduler] if params.scheduler else [])
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
+@edit_options
+def main(dataset: Path, artifacts: Path, out: Path, params: EditParams) -> None:
+    """Evaluate ARTIFACTS on DATASET's test split with its own and with unseen instructions, against the bar."""
+    common = [str(dataset), "--model", f"tiny={artifacts}", *edit_args(params)]
+    run_evaluate([*common, "--out", str(out / "own")])
+    results: list[dict[str, Any]] = []
+    own = gains(out / "own" / "metrics.json", "tiny")
+    figure(out / "own" / "grids", list(UNSEEN), out / "itsd-tiny.jpg")
+    for task, text in UNSEEN.items():
+        folder = out / f"unseen-{task}"
+        run_evaluate([*common, "--task", task, "--instruction", text, "--out", str(folder)])
+        unseen = gains(folder / "metrics.json", "tiny")[task]
+        for kind, figures, instruction in (("own", own[task], "(the row's)"), ("unseen", unseen, text)):
+            passed = figures["gain_db"] > BAR_DB[task] if BAR_DB[task] == 0 else figures["gain_db"] >= BAR_DB[task]
+            results.append({"task": task, "instruction": instruction, "kind": kind, "bar_db": BAR_DB[task]} | figures)
+            results[-1]["passed"] = passed
+    (out / "check.json").write_text(json.dumps({"params": params.to_dict(), "results": results}, indent=2) + "\n")
+    lines = ["| task | instruction | rows | PSNR | gain dB | bar | pass |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        bar = f"> {r['bar_db']:.0f}" if r["bar_db"] == 0 else f">= {r['bar_db']:.0f}"
+        lines.append(
+            f"| {r['task']} | {r['instruction']} | {r['count']} | {r['psnr']:.2f} | {r['gain_db']:+.2f} | {bar} | "
+            f"{'yes' if r['passed'] else 'NO'} |"
+        )
+    (out / "check.md").write_text("\n".join(lines) + "\n")
+    click.echo("\n".join(lines))
+    if not all(r["passed"] for r in results):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
