@@ -67,3 +67,17 @@ def test_the_scaling_factor_gives_latents_unit_standard_deviation():
     assert vae.config.scaling_factor == factor
     latents = torch.cat([vae.encode(crop_batch(images(), CFG, CFG.steps + i)).latent_dist.mode() for i in range(4)])
     assert abs(float((latents * factor).std()) - 1.0) < 1e-4
+
+
+def test_decoder_only_training_keeps_the_latent_space_and_improves_decoding():
+    vae = fresh_vae()
+    cfg = AutoencoderConfig(**{**CFG.__dict__, "steps": 10, "decoder_steps": 20})
+    train_autoencoder(vae, images(), cfg)
+    encoder = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant"))}
+    before = reconstruction_psnr(vae, images())
+    losses = train_autoencoder(vae, images(), cfg, decoder_only=True)
+
+    assert len(losses) == cfg.decoder_steps
+    state = vae.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in encoder.items())
+    assert reconstruction_psnr(vae, images()) > before

@@ -33,6 +33,7 @@ class AutoencoderConfig:
     learning_rate: float = 1e-3  # AdamW, cosine decay to 0: a from-scratch conv net, not a fine-tune
     kl_weight: float = 1e-6  # enough to keep the posterior a distribution, too little to blur anything
     seed: int = 0
+    decoder_steps: int = 0  # then steps on the decoder alone, on target images: sharper outputs, same latents
 
 
 def load_images(rows: object, columns: Sequence[str]) -> list[np.ndarray]:
@@ -61,24 +62,36 @@ def start_nearly_deterministic(vae: torch.nn.Module, logvar: float = -12.0) -> N
         vae.quant_conv.bias[channels:].fill_(logvar)
 
 
-def train_autoencoder(vae: torch.nn.Module, images: Sequence[np.ndarray], cfg: AutoencoderConfig) -> list[float]:
-    """Train `vae` (a fresh diffusers AutoencoderKL) in place on crops of `images`; returns each step's loss."""
+def train_autoencoder(
+    vae: torch.nn.Module, images: Sequence[np.ndarray], cfg: AutoencoderConfig, decoder_only: bool = False
+) -> list[float]:
+    """Train `vae` (a fresh diffusers AutoencoderKL) in place on crops of `images`; returns each step's loss.
+
+    `decoder_only`: `cfg.decoder_steps` more steps on the decoder of a trained VAE, the encoder frozen, so the
+    latent space (and a diffusion model trained on it) stays valid while decoding improves."""
     torch.manual_seed(cfg.seed)
-    start_nearly_deterministic(vae)
-    vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
+    steps, offset = (cfg.decoder_steps, cfg.steps + 4) if decoder_only else (cfg.steps, 0)  # 4: fit_scaling_factor's
+    if not decoder_only:
+        start_nearly_deterministic(vae)
+    trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
+    vae.train().requires_grad_(not decoder_only)
+    params = [param for module in trained for param in module.parameters()]
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     losses = []
-    progress = tqdm(range(cfg.steps), unit="step", desc="autoencoder", mininterval=10)
+    progress = tqdm(range(steps), unit="step", desc="decoder" if decoder_only else "autoencoder", mininterval=10)
     for step in progress:
-        pixels = crop_batch(images, cfg, step)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        posterior = vae.encode(pixels).latent_dist
+        pixels = crop_batch(images, cfg, offset + step)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + offset + step)
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(pixels).latent_dist
         decoded = vae.decode(posterior.sample(generator)).sample
         loss = F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + cfg.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))

@@ -7,7 +7,8 @@
 2. `itsd prepare` twice: the training photos and the held-out ones, each crop degraded (low light, noise,
    rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row.
 3. the base checkpoint (training.tiny preset "itsd-tiny": random weights, the real CLIP tokenizer).
-4. its autoencoder trained from scratch on the training rows' images (training.autoencoder).
+4. its autoencoder trained from scratch on the training rows' images (training.autoencoder), then its
+   decoder alone on the targets (the latent space the UNet learns stays fixed).
 5. `itsd train --config training/configs/itsd_tiny.toml`: UNet and text encoder together.
 DIR/train/final is the checkpoint; DIR/recipe.json records the seed, the timings and the VAE's figures.
 """
@@ -36,7 +37,7 @@ HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portr
 TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
 CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
 TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
-AUTOENCODER = AutoencoderConfig(steps=500, learning_rate=2e-3)
+AUTOENCODER = AutoencoderConfig(steps=500, learning_rate=2e-3, decoder_steps=800)
 
 
 def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> None:
@@ -57,9 +58,11 @@ def build_autoencoder(base: Path, data: Path, held_out: Path, seed: int) -> dict
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     cfg = AutoencoderConfig(**{**AUTOENCODER.__dict__, "seed": seed})
-    images = load_images(datasets.load_from_disk(str(data))["train"], ["input_image", "ground_truth_image"])
-    losses = train_autoencoder(vae, images, cfg)
+    rows = datasets.load_from_disk(str(data))["train"]
+    images = load_images(rows, ["input_image", "ground_truth_image"])
+    train_autoencoder(vae, images, cfg)
     factor = fit_scaling_factor(vae, images, cfg)
+    losses = train_autoencoder(vae, load_images(rows, ["ground_truth_image"]), cfg, decoder_only=True)
     vae.save_pretrained(base / "vae", safe_serialization=True)
     test = datasets.load_from_disk(str(held_out))["test"]
     targets = [np.asarray(as_pil(row["ground_truth_image"])) for row in test]
