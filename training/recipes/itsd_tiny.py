@@ -37,7 +37,7 @@ HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portr
 TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
 CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
 TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
-AUTOENCODER = AutoencoderConfig(steps=500, learning_rate=2e-3, decoder_steps=800)
+AUTOENCODER = AutoencoderConfig(steps=500, learning_rate=2e-3, decoder_steps=400)
 
 
 def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> None:

@@ -3,8 +3,8 @@ training paraphrase used.
 
     python -m training.recipes.itsd_tiny_check DATA-TEST ARTIFACTS --out DIR [edit options]
 
-Runs `itsd evaluate` once on the whole held-out split, then once per task with that task's UNSEEN phrasing
-(`--task T --instruction TEXT`), and prints one table: PSNR gain over the degraded input (for cartoonization:
+Runs `itsd evaluate` twice per task (`--task T`): with the rows' own instructions, and with that task's
+UNSEEN phrasing (`--instruction TEXT`), and prints one table: PSNR gain over the degraded input (for cartoonization:
 over the input's distance to the teacher's output) against the bar. Exit status 1 if a row misses it.
 Also writes DIR/itsd-tiny.jpg: the first held-out row of each task, input | output | target.
 """
@@ -54,18 +54,18 @@ def gains(metrics: Path, model: str) -> dict[str, dict[str, float]]:
     }
 
 
-def figure(grids: Path, tasks: list[str], out: Path) -> Path:
+def figure(out: Path, tasks: list[str]) -> Path:
     """One picture of the first held-out row of each task, input | output | target (cut from the grids)."""
     label = 16
     canvas = Image.new("RGB", (3 * GRID_TILE, len(tasks) * (GRID_TILE + label)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, task in enumerate(tasks):
-        grid = Image.open(grids / f"{task}.png").convert("RGB")
+        grid = Image.open(out / f"own-{task}" / "grids" / f"{task}.png").convert("RGB")
         top = i * (GRID_TILE + label)
         draw.text((4, top + 2), f"{task}: input | itsd-tiny | target", fill="black")
         canvas.paste(grid.crop((0, GRID_HEADER, 3 * GRID_TILE, GRID_HEADER + GRID_TILE)), (0, top + label))
-    canvas.save(out, quality=85)
-    return out
+    canvas.save(out / "itsd-tiny.jpg", quality=85)
+    return out / "itsd-tiny.jpg"
 
 
 def run_evaluate(args: list[str]) -> None:
@@ -85,22 +85,23 @@ def edit_args(params: EditParams) -> list[str]:
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
+@click.option("--rows-per-task", type=click.IntRange(1), help="Evaluate only the first N rows of each task.")
 @edit_options
-def main(dataset: Path, artifacts: Path, out: Path, params: EditParams) -> None:
+def main(dataset: Path, artifacts: Path, out: Path, rows_per_task: int | None, params: EditParams) -> None:
     """Evaluate ARTIFACTS on DATASET's test split with its own and with unseen instructions, against the bar."""
     common = [str(dataset), "--model", f"tiny={artifacts}", *edit_args(params)]
-    run_evaluate([*common, "--out", str(out / "own")])
+    common += ["--limit", str(rows_per_task)] if rows_per_task else []
     results: list[dict[str, Any]] = []
-    own = gains(out / "own" / "metrics.json", "tiny")
-    figure(out / "own" / "grids", list(UNSEEN), out / "itsd-tiny.jpg")
     for task, text in UNSEEN.items():
-        folder = out / f"unseen-{task}"
-        run_evaluate([*common, "--task", task, "--instruction", text, "--out", str(folder)])
-        unseen = gains(folder / "metrics.json", "tiny")[task]
-        for kind, figures, instruction in (("own", own[task], "(the row's)"), ("unseen", unseen, text)):
+        run_evaluate([*common, "--task", task, "--out", str(out / f"own-{task}")])
+        run_evaluate([*common, "--task", task, "--instruction", text, "--out", str(out / f"unseen-{task}")])
+        own = gains(out / f"own-{task}" / "metrics.json", "tiny")[task]
+        unseen = gains(out / f"unseen-{task}" / "metrics.json", "tiny")[task]
+        for kind, figures, instruction in (("own", own, "(the row's)"), ("unseen", unseen, text)):
             passed = figures["gain_db"] > BAR_DB[task] if BAR_DB[task] == 0 else figures["gain_db"] >= BAR_DB[task]
             results.append({"task": task, "instruction": instruction, "kind": kind, "bar_db": BAR_DB[task]} | figures)
             results[-1]["passed"] = passed
+    figure(out, list(UNSEEN))
     (out / "check.json").write_text(json.dumps({"params": params.to_dict(), "results": results}, indent=2) + "\n")
     lines = ["| task | instruction | rows | PSNR | gain dB | bar | pass |", "|---|---|---|---|---|---|---|"]
     for r in results:
