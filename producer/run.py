@@ -170,7 +170,7 @@ def run(
             counts = wait_for(connection, submission.batch_id, quiet)
             seconds = time.perf_counter() - start
             info = {
-                "instruction": instruction,
+                "instruction": instruction or "(per manifest row)",
                 "model": model,
                 "model_id": manifest.model_id,
                 "params": params.to_dict(),

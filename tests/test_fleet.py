@@ -366,3 +366,21 @@ def test_the_fleet_works_over_tls_with_checked_certificates(tiny_artifacts, tmp_
         assert secure.url.startswith("rediss://") and "ssl_cert_reqs=required" in secure.url
         run = submit(secure.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
     assert run.returncode == 0 and "2 done" in run.stdout, run.stderr
+
+
+def test_the_demo_runs_the_bundled_model_exported_once_and_cached(tmp_path):
+    from training.recipes.demo import write_demo_inputs
+
+    manifest = write_demo_inputs(tmp_path / "inputs", side=64)
+    env = {**os.environ, "ITSD_CACHE_DIR": str(tmp_path / "cache")}
+    logs = []
+    for attempt in ("first", "second"):  # no --model: the bundled itsd-tiny checkpoint
+        run = subprocess.run(
+            [*ITSD, "run", str(manifest), "--out", str(tmp_path / attempt), "--steps", "1", "--seed", "0"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0 and "15 done" in run.stdout, run.stderr
+        logs.append(run.stderr)
+    assert "exporting" in logs[0] and "using the cached export" in logs[1] and "exporting" not in logs[1]
+    (export,) = (tmp_path / "cache" / "exports").iterdir()
+    assert json.loads((export / "manifest.json").read_text())["parity"]["psnr_db"] > 40
