@@ -23,7 +23,7 @@ import click
 from core.backends import detect
 from core.errors import InvalidModel, ItsdError
 from core.inputs import InputFile, check_destination
-from core.job import Job
+from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
 from core.options import edit_options
 from core.params import EditParams
@@ -76,8 +76,8 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _sheet_rows(client: Any, batch_id: str) -> list[tuple[Path, Path, str]]:
-    done = sorted((r for r in results(client, batch_id) if r.status == "done"), key=lambda r: r.output_uri or "")
+def _sheet_rows(client: Any, batch_id: str, found: list[Result]) -> list[tuple[Path, Path, str]]:
+    done = sorted((r for r in found if r.status == "done"), key=lambda r: r.output_uri or "")
     rows = []
     for result in done[:SHEET_ROWS]:
         job = Job.from_dict(json.loads(client.hget(Keys(batch_id).jobs, result.job_id)))
@@ -88,13 +88,12 @@ def _sheet_rows(client: Any, batch_id: str) -> list[tuple[Path, Path, str]]:
 
 def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) -> dict[str, Any]:
     found = list(results(broker.client, batch_id))
-    rows = _sheet_rows(broker.client, batch_id)
+    rows = _sheet_rows(broker.client, batch_id, found)
     if rows:
         write_contact_sheet(rows, out / SHEET_NAME)
     summary = {
         **info,
         "batch_id": batch_id,
-        "counts": {s: sum(r.status == s for r in found) for s in ("done", "skipped", "failed", "cancelled")},
         "per_worker": per_worker(found),
         "failures": [
             {"job_id": r.job_id, "error_type": r.error_type, "error": r.error_message}
@@ -163,7 +162,7 @@ def run(
             for worker in local:
                 stack.callback(worker.stop)
                 worker.start()
-            say(f"started {workers} worker(s) for {model} ({manifest.model_id}); waiting for them to load it")
+            say(f"started {workers} worker(s) for {model} ({manifest.model_id}); waiting for them to register it")
             wait_registered(connection.client, [name], local)
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
             say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
@@ -178,6 +177,7 @@ def run(
                 "total": submission.total,
                 "seconds": round(seconds, 2),
                 "images_per_s": round(counts["done"] / seconds, 3),
+                "counts": counts,
             }
             summary = summarise(connection, submission.batch_id, out, info)
             click.echo(f"{describe(counts, submission.total)} in {seconds:.1f} s; outputs in {out}")
