@@ -38,7 +38,7 @@ def test_every_task_has_an_unseen_phrasing_that_is_no_training_line_and_a_bar():
         assert unseen_words(task, text), task  # each one also uses words no paraphrase of its task used
 
 
-def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_half_size_latents_and_v_prediction(tmp_path):
+def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_and_v_prediction(tmp_path):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from training.tiny import build_tiny_checkpoint
@@ -46,7 +46,7 @@ def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_half_size_latents_and_v_
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
         build_tiny_checkpoint(tmp_path / "base", preset="itsd-tiny")
     )
-    assert pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 2
+    assert pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 1
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert sum(p.stat().st_size for p in (tmp_path / "base").rglob("*") if p.is_file()) < MAX_BYTES
 

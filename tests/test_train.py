@@ -151,6 +151,28 @@ def test_conditioning_dropout_with_probability_zero_keeps_everything():
     assert torch.equal(got_text, text) and torch.equal(got_image, image)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_the_training_target_follows_the_schedulers_prediction_type(kind):
+    from diffusers import DDPMScheduler
+
+    from training.train import training_target
+
+    scheduler = DDPMScheduler(prediction_type=kind)
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    expected = {"epsilon": noise, "sample": latents, "v_prediction": scheduler.get_velocity(latents, noise, t)}[kind]
+    assert torch.equal(training_target(scheduler, latents, noise, t), expected)
+
+
+def test_an_unknown_prediction_type_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from training.train import training_target
+
+    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
+    with pytest.raises(ValueError, match="'flow'"):
+        training_target(scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+
+
 def test_task_weights_give_each_task_its_share_however_many_rows_it_has():
     from training.train import row_weights
 

@@ -176,10 +176,7 @@ def train(cfg: TrainConfig) -> list[float]:
             text, image_latents = conditioning_dropout(
                 text, image_latents, null_text, cfg.conditioning_dropout_prob, gen
             )
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+            target = training_target(noise_scheduler, latents, noise, timesteps)
             last = micro == cfg.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(*trained):  # sync grads once per step
                 pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text, return_dict=False)[0]
@@ -383,6 +380,21 @@ def encode_batch(
     with torch.set_grad_enabled(text_encoder.training):
         text = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
     return latents, image_latents, text
+
+
+def training_target(
+    noise_scheduler: object, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict, by the scheduler's `prediction_type`: the noise, the velocity, or the
+    clean latents themselves ("sample")."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    if kind == "epsilon":
+        return noise
+    raise ValueError(f"unsupported prediction_type {kind!r}: epsilon, v_prediction or sample")
 
 
 def conditioning_dropout(

@@ -7,8 +7,7 @@
 2. `itsd prepare` twice: the training photos and the held-out ones, each crop degraded (low light, noise,
    rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row.
 3. the base checkpoint (training.tiny preset "itsd-tiny": random weights, the real CLIP tokenizer).
-4. its autoencoder trained from scratch on the training rows' images (training.autoencoder), then its
-   decoder alone on the targets (the latent space the UNet learns stays fixed).
+4. its VAE made a pixel autoencoder (training.autoencoder: set, not trained), scaled for the targets.
 5. `itsd train --config training/configs/itsd_tiny.toml`: UNet and text encoder together.
 DIR/train/final is the checkpoint; DIR/recipe.json records the seed, the timings and the VAE's figures.
 """
@@ -23,13 +22,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from training.autoencoder import (
-    AutoencoderConfig,
-    fit_scaling_factor,
-    load_images,
-    reconstruction_psnr,
-    train_autoencoder,
-)
+from training.autoencoder import fit_scaling_factor, make_pixel_autoencoder, reconstruction_psnr
 from training.dataset import as_pil
 from training.recipes.photos import PHOTOS, write_photos
 
@@ -37,7 +30,6 @@ HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portr
 TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
 CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
 TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
-AUTOENCODER = AutoencoderConfig(steps=500, learning_rate=2e-3, decoder_steps=400)
 
 
 def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> None:
@@ -51,32 +43,26 @@ def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> Non
     prepare_command.main(args, standalone_mode=False)
 
 
-def build_autoencoder(base: Path, data: Path, held_out: Path, seed: int) -> dict[str, float]:
-    """Train the base checkpoint's VAE in place; returns its figures (reconstruction PSNR on held-out rows)."""
+def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float]:
+    """Make the base checkpoint's VAE a pixel autoencoder (training.autoencoder), scaled for the training rows'
+    targets; returns its figures (reconstruction PSNR on the held-out targets)."""
     import datasets
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    cfg = AutoencoderConfig(**{**AUTOENCODER.__dict__, "seed": seed})
+    vae = make_pixel_autoencoder(AutoencoderKL.from_pretrained(base, subfolder="vae"))
     rows = datasets.load_from_disk(str(data))["train"]
-    images = load_images(rows, ["input_image", "ground_truth_image"])
-    train_autoencoder(vae, images, cfg)
-    factor = fit_scaling_factor(vae, images, cfg)
-    losses = train_autoencoder(vae, load_images(rows, ["ground_truth_image"]), cfg, decoder_only=True)
+    factor = fit_scaling_factor(vae, [np.asarray(as_pil(row["ground_truth_image"])) for row in rows])
     vae.save_pretrained(base / "vae", safe_serialization=True)
     test = datasets.load_from_disk(str(held_out))["test"]
     targets = [np.asarray(as_pil(row["ground_truth_image"])) for row in test]
-    return {
-        "final_loss": float(np.mean(losses[-50:])),
-        "scaling_factor": factor,
-        "held_out_psnr_db": reconstruction_psnr(vae, targets),
-    }
+    return {"scaling_factor": factor, "held_out_psnr_db": reconstruction_psnr(vae, targets)}
 
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Working folder.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of every step.")
-def main(out: Path, seed: int) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of the training config.")
+def main(out: Path, seed: int, overrides: tuple[str, ...]) -> None:
     """Make itsd-tiny from scratch into OUT (OUT/train/final is the checkpoint)."""
     from training.config import load_config
     from training.tiny import build_tiny_checkpoint
@@ -95,12 +81,12 @@ def main(out: Path, seed: int) -> None:
 
     start = time.perf_counter()
     base = build_tiny_checkpoint(out / "base", seed=seed, preset="itsd-tiny")
-    record["autoencoder"] = build_autoencoder(base, out / "data-train", out / "data-test", seed)
+    record["autoencoder"] = build_autoencoder(base, out / "data-train", out / "data-test")
     seconds["autoencoder"] = time.perf_counter() - start
 
     start = time.perf_counter()
     flags = {"pretrained": str(base), "dataset": str(out / "data-train"), "output_dir": str(out / "train")}
-    losses = train(load_config(CONFIG, [f"seed={seed}"], flags))
+    losses = train(load_config(CONFIG, [f"seed={seed}", *overrides], flags))
     seconds["unet_and_text_encoder"] = time.perf_counter() - start
     record["final_loss"] = float(np.mean(losses[-100:])) if losses else None
     seconds["total"] = sum(seconds.values())
