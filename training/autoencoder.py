@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from training.metrics import psnr
+from training.train import to_tensor
 
 SIGNALS = 3  # R, G, B; the fourth latent channel is their mean
 LEVEL = 10.0  # the constant channel: group statistics of ~level^2, which fp16 holds as well as fp32
@@ -86,8 +87,8 @@ def make_pixel_autoencoder(vae: torch.nn.Module, level: float = LEVEL) -> torch.
 
 
 def to_pixels(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> a 1x3xHxW float tensor in [-1, 1]."""
-    return torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    """uint8 HxWx3 -> a batch of one, 1x3xHxW in [-1, 1] (the training pipeline's conversion)."""
+    return to_tensor(image)[None]
 
 
 @torch.no_grad()

@@ -603,7 +603,7 @@ def crop_pair(
     return Image.fromarray(pair[0]), Image.fromarray(pair[1])
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float32 CHW in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
