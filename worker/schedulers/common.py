@@ -31,7 +31,9 @@ BASE_CHOICES: dict[str, tuple[Any, ...]] = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "timestep_spacing": ("leading", "linspace", "trailing"),
 }
-BASE_FIXED = ("rescale_betas_zero_snr",)
+# Where zero terminal SNR leaves alphas_cumprod at 0, the sigma-based schedulers (Euler, Euler ancestral,
+# DPM-Solver) put fp16's smallest subnormal instead, as diffusers does, so the first sigma is large, not infinite.
+SIGMA_TERMINAL_ALPHA_CUMPROD = 2.0**-24
 
 
 def resolve_config(
@@ -75,8 +77,23 @@ def _linspace32(start: float, end: float, count: int) -> np.ndarray:
     return np.where(i < count // 2, start32 + step * i, end32 - step * (count - 1 - i)).astype(np.float32)
 
 
-def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
-    """The cumulative product of (1 - beta) over the training timesteps, float32."""
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose last timestep is pure noise (Lin et al. 2023, algorithm 1), in float32 as diffusers computes them.
+
+    sqrt(alphas_cumprod) is shifted so its last value is 0 and scaled so its first is unchanged.
+    """
+    root = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    cumprod = root**2
+    return (1 - np.concatenate([cumprod[:1], cumprod[1:] / cumprod[:-1]])).astype(np.float32)
+
+
+def alphas_cumprod(cfg: Mapping[str, Any], terminal: float = 0.0) -> np.ndarray:
+    """The cumulative product of (1 - beta) over the training timesteps, float32.
+
+    With `rescale_betas_zero_snr` the last value, 0 by construction, is set to `terminal`.
+    """
     n, start, end = cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"]
     if cfg["trained_betas"] is not None:
         betas = np.asarray(cfg["trained_betas"], np.float32)
@@ -86,7 +103,11 @@ def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
         betas = _linspace32(start**0.5, end**0.5, n) ** 2
     else:
         betas = _cosine_betas(n)
-    return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
+    if not cfg["rescale_betas_zero_snr"]:
+        return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
+    cumprod = np.cumprod((1.0 - _rescale_zero_terminal_snr(betas)).astype(np.float64)).astype(np.float32)
+    cumprod[-1] = terminal
+    return cumprod
 
 
 def train_sigmas(cumprod: np.ndarray) -> np.ndarray:

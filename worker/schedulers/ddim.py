@@ -10,7 +10,6 @@ import numpy as np
 from worker.schedulers.common import (
     BASE_CHOICES,
     BASE_DEFAULTS,
-    BASE_FIXED,
     alphas_cumprod,
     resolve_config,
     spaced_timesteps,
@@ -29,7 +28,7 @@ class DDIMScheduler:
         "clip_sample_range": 1.0,
         "timestep_spacing": "leading",
     }
-    FIXED = (*BASE_FIXED, "thresholding")
+    FIXED = ("thresholding",)
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **BASE_CHOICES,
         "prediction_type": ("epsilon", "v_prediction", "sample"),

@@ -11,7 +11,7 @@ from core.errors import InvalidModel
 from worker.schedulers.common import (
     BASE_CHOICES,
     BASE_DEFAULTS,
-    BASE_FIXED,
+    SIGMA_TERMINAL_ALPHA_CUMPROD,
     alphas_cumprod,
     final_sigma,
     karras_sigmas,
@@ -32,7 +32,7 @@ class _SigmaScheduler:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.cfg = resolve_config(config, self.CLASS_NAME, self.DEFAULTS, self.FIXED, self.CHOICES)
-        self._train_sigmas = train_sigmas(alphas_cumprod(self.cfg))
+        self._train_sigmas = train_sigmas(alphas_cumprod(self.cfg, SIGMA_TERMINAL_ALPHA_CUMPROD))
         self.timesteps = np.zeros(0, np.float32)
         self.sigmas = np.zeros(0, np.float32)  # one per step plus the final one, set by set_timesteps
 
@@ -89,7 +89,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
     }
-    FIXED = (*BASE_FIXED, "interpolation_type", "use_exponential_sigmas", "use_beta_sigmas")
+    FIXED = ("interpolation_type", "use_exponential_sigmas", "use_beta_sigmas")
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **BASE_CHOICES,
         "prediction_type": ("epsilon", "v_prediction", "sample"),
@@ -114,7 +114,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     CLASS_NAME = "EulerAncestralDiscreteScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {**BASE_DEFAULTS, "timestep_spacing": "linspace"}
-    FIXED = BASE_FIXED
+    FIXED = ()
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {**BASE_CHOICES, "prediction_type": ("epsilon", "v_prediction")}
 
     def step(
