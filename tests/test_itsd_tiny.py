@@ -38,8 +38,8 @@ def test_every_task_has_an_unseen_phrasing_that_is_no_training_line_and_a_bar():
         assert unseen_words(task, text), task  # each one also uses words no paraphrase of its task used
 
 
-def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_and_zero_terminal_snr(tmp_path):
-    from diffusers import DDPMScheduler, StableDiffusionInstructPix2PixPipeline
+def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_and_v_prediction(tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from training.tiny import build_tiny_checkpoint
 
@@ -48,10 +48,6 @@ def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_and_zero_t
     )
     assert pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 1
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    # Training's last timestep is pure noise, and sampling starts there.
-    assert DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1] == 0
-    pipe.scheduler.set_timesteps(20)
-    assert pipe.scheduler.timesteps[0] == 999
     assert sum(p.stat().st_size for p in (tmp_path / "base").rglob("*") if p.is_file()) < MAX_BYTES
 
 
