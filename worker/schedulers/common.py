@@ -103,10 +103,11 @@ def alphas_cumprod(cfg: Mapping[str, Any], terminal: float = 0.0) -> np.ndarray:
         betas = _linspace32(start**0.5, end**0.5, n) ** 2
     else:
         betas = _cosine_betas(n)
-    if not cfg["rescale_betas_zero_snr"]:
-        return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
-    cumprod = np.cumprod((1.0 - _rescale_zero_terminal_snr(betas)).astype(np.float64)).astype(np.float32)
-    cumprod[-1] = terminal
+    zero_snr = cfg["rescale_betas_zero_snr"]
+    cumprod = np.cumprod((1.0 - (_rescale_zero_terminal_snr(betas) if zero_snr else betas)).astype(np.float64))
+    cumprod = cumprod.astype(np.float32)
+    if zero_snr:
+        cumprod[-1] = terminal
     return cumprod
 
 
