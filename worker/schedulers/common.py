@@ -31,9 +31,6 @@ BASE_CHOICES: dict[str, tuple[Any, ...]] = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "timestep_spacing": ("leading", "linspace", "trailing"),
 }
-# Where zero terminal SNR leaves alphas_cumprod at 0, the sigma-based schedulers (Euler, Euler ancestral,
-# DPM-Solver) put fp16's smallest subnormal instead, as diffusers does, so the first sigma is large, not infinite.
-SIGMA_TERMINAL_ALPHA_CUMPROD = 2.0**-24
 
 
 def resolve_config(
@@ -111,8 +108,13 @@ def alphas_cumprod(cfg: Mapping[str, Any], terminal: float = 0.0) -> np.ndarray:
     return cumprod
 
 
-def train_sigmas(cumprod: np.ndarray) -> np.ndarray:
-    """Noise-to-signal ratio sqrt((1 - a) / a) per training timestep, float32, ascending with t."""
+def train_sigmas(cfg: Mapping[str, Any]) -> np.ndarray:
+    """Noise-to-signal ratio sqrt((1 - a) / a) per training timestep, float32, ascending with t.
+
+    Where zero terminal SNR leaves the last alphas_cumprod at 0, fp16's smallest subnormal stands in, as in
+    diffusers' sigma-based schedulers, so the first sigma is large (4096), not infinite.
+    """
+    cumprod = alphas_cumprod(cfg, terminal=2.0**-24)
     return ((1 - cumprod) / cumprod) ** 0.5
 
 

@@ -11,8 +11,6 @@ import numpy as np
 from worker.schedulers.common import (
     BASE_CHOICES,
     BASE_DEFAULTS,
-    SIGMA_TERMINAL_ALPHA_CUMPROD,
-    alphas_cumprod,
     final_sigma,
     karras_sigmas,
     resolve_config,
@@ -65,7 +63,7 @@ class DPMSolverMultistepScheduler:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.cfg = resolve_config(config, self.CLASS_NAME, self.DEFAULTS, self.FIXED, self.CHOICES)
-        self._train_sigmas = train_sigmas(alphas_cumprod(self.cfg, SIGMA_TERMINAL_ALPHA_CUMPROD))
+        self._train_sigmas = train_sigmas(self.cfg)
         self.timesteps = np.zeros(0, np.float32)
         self.sigmas = np.zeros(0, np.float32)  # one per step plus the final one, set by set_timesteps
         self._history: list[np.ndarray] = []  # the latest solver_order x0 estimates, oldest first
