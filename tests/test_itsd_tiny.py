@@ -38,7 +38,7 @@ def test_every_task_has_an_unseen_phrasing_that_is_no_training_line_and_a_bar():
         assert unseen_words(task, text), task  # each one also uses words no paraphrase of its task used
 
 
-def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_and_v_prediction(tmp_path):
+def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_predicting_the_clean_image(tmp_path):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from training.tiny import build_tiny_checkpoint
@@ -47,7 +47,8 @@ def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_and_v_pred
         build_tiny_checkpoint(tmp_path / "base", preset="itsd-tiny")
     )
     assert pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 1
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "sample"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"  # never below t = 49 at 20 steps: min_timestep 40
     assert sum(p.stat().st_size for p in (tmp_path / "base").rglob("*") if p.is_file()) < MAX_BYTES
 
 

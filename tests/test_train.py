@@ -208,6 +208,25 @@ def test_a_pair_is_cropped_with_the_same_box_on_input_and_target():
         assert original.size == (32, 32) and np.array_equal(np.asarray(original), np.asarray(edited))
 
 
+def test_a_shuffled_channel_order_is_one_order_shared_by_input_and_target_and_covers_all_six():
+    from training.train import crop_pair
+
+    rng = np.random.default_rng(0)
+    original = np.zeros((32, 32, 3), dtype=np.uint8)
+    original[..., 1], original[..., 2] = 100, 200
+    edited = original // 2
+    pair = Image.fromarray(original), Image.fromarray(edited)
+    orders = set()
+    for _ in range(60):
+        a, b = crop_pair(*pair, 32, False, False, rng, shuffle_channels=True)
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.array_equal(a // 2, b)  # the same order on both
+        orders.add(tuple(a[0, 0]))
+    assert orders == {(0, 100, 200), (0, 200, 100), (100, 0, 200), (100, 200, 0), (200, 0, 100), (200, 100, 0)}
+    kept, _ = crop_pair(*pair, 32, True, False, None, shuffle_channels=True)
+    assert np.array_equal(np.asarray(kept), original)  # no rng (validation): the photo's own colours
+
+
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import sys
 
@@ -264,6 +283,15 @@ def test_the_defaults_are_the_reference_recipe_with_conditioning_dropout_on():
     assert (config.resolution, config.train_batch_size, config.gradient_accumulation_steps) == (256, 2, 4)
     assert (config.max_train_steps, config.learning_rate, config.lr_scheduler) == (15000, 5e-5, "constant")
     assert config.conditioning_dropout_prob == 0.05 and config.use_ema and config.seed == 42
+
+
+def test_a_timestep_floor_outside_the_schedule_is_refused(tiny_checkpoint, dataset, tmp_path):
+    from training.train import train
+
+    with pytest.raises(ConfigError, match="min_timestep must be at least 0"):
+        TrainConfig(min_timestep=-1)
+    with pytest.raises(ConfigError, match="min_timestep 1000 leaves no timestep"):
+        train(tiny_config(tiny_checkpoint, dataset, tmp_path / "run", min_timestep=1000))
 
 
 def test_the_example_config_loads():

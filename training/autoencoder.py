@@ -35,6 +35,13 @@ def _silu_slope(a: float) -> float:
     return s * (1.0 + a * (1.0 - s))
 
 
+def readout_gain(level: float, k: int) -> float:
+    """The weight that reads a signal x back, as gain * (SiLU(n(x)) - SiLU(n(-x))), after a GroupNorm (weight 1,
+    bias 0) whose group of `k` channels holds x, -x, the constant `level` and k - 3 channels near 0."""
+    spread = level * math.sqrt(k - 1) / k  # the std of the group (x small)
+    return spread / (2.0 * _silu_slope(-1.0 / math.sqrt(k - 1)))  # -1/sqrt(k-1): where the channels sit
+
+
 def check_pixel_layout(vae: torch.nn.Module) -> int:
     """The channels per GroupNorm group of a VAE that `make_pixel_autoencoder` can set; a clear error if its
     config cannot hold the construction."""
@@ -59,8 +66,7 @@ def make_pixel_autoencoder(vae: torch.nn.Module, level: float = LEVEL) -> torch.
     """Set the weights of `vae` (a one-level diffusers AutoencoderKL) so that encode gives latents
     (R, G, B, mean) of the [-1, 1] image with log-variance -12, and decode gives the image back. In place."""
     k = check_pixel_layout(vae)
-    spread = level * math.sqrt(k - 1) / k  # the std of a group holding x, -x, level and k-3 zeros (x small)
-    gain = spread / (2.0 * _silu_slope(-1.0 / math.sqrt(k - 1)))  # a: where the channels sit after the norm
+    gain = readout_gain(level, k)
     for param in vae.parameters():
         param.zero_()  # every residual branch ends in a zero convolution: each block passes its input through
     for module in vae.modules():

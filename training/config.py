@@ -49,6 +49,8 @@ class TrainConfig:
     resolution: int = 256  # training side in px (reference runs: 256); pairs share one resize and crop
     center_crop: bool = False  # False = random crop (same box on input and target), as the reference
     random_flip: bool = False  # a flip is a valid augmentation for most edits, but the reference ran without
+    random_channel_order: bool = False  # R, G, B shuffled (the same order on input and target): with a handful of
+    # photos the UNet otherwise learns their colours from their textures instead of copying the input's
     resize_before_crop: bool = True  # short side to `resolution` first; False: crop at native scale (keeps the
     # size of noise, streaks and blur as prepared, e.g. 128-px patches of 256-px rows for a model run at 256)
     # --- optimisation
@@ -64,6 +66,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # clip; 0 = off
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: less optimizer memory on GPU
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, num_train_timesteps): a model that predicts the
+    # clean image need not learn to copy nearly clean latents if its sampler never asks (trailing spacing)
     conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
     train_text_encoder: bool = False  # also train the text encoder (a from-scratch model has no CLIP to keep)
     use_ema: bool = True  # EMA of the trained weights (UNet, and text encoder if trained): what final/ holds
@@ -88,6 +92,8 @@ class TrainConfig:
             problems.append(f"resolution must be a positive multiple of 8 (got {self.resolution})")
         if not 0.0 <= self.conditioning_dropout_prob <= 1 / 3:
             problems.append(f"conditioning_dropout_prob must be in [0, 1/3] (got {self.conditioning_dropout_prob})")
+        if self.min_timestep < 0:
+            problems.append(f"min_timestep must be at least 0 (got {self.min_timestep})")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.lr_scheduler not in LR_SCHEDULES:

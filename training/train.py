@@ -72,6 +72,11 @@ def train(cfg: TrainConfig) -> list[float]:
         models.unet,
         models.noise_scheduler,
     )
+    if cfg.min_timestep >= noise_scheduler.config.num_train_timesteps:
+        raise ConfigError(
+            f"min_timestep {cfg.min_timestep} leaves no timestep to train on: the scheduler has "
+            f"{noise_scheduler.config.num_train_timesteps}"
+        )
     trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
     for frozen in [vae] if cfg.train_text_encoder else [vae, text_encoder]:
         frozen.requires_grad_(False).eval().to(device)
@@ -170,7 +175,7 @@ def train(cfg: TrainConfig) -> list[float]:
                 null_text = text_encoder(null_ids, return_dict=False)[0]
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
             timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
+                cfg.min_timestep, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
             ).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             text, image_latents = conditioning_dropout(
@@ -558,6 +563,7 @@ class PairDataset(torch.utils.data.Dataset):
             self.cfg.random_flip,
             rng,
             self.cfg.resize_before_crop,
+            self.cfg.random_channel_order,
         )
         templates = self.paraphrases.get(self.tasks[index])
         if self.has_choices and row[self.cfg.instruction_choices_column]:
@@ -589,10 +595,11 @@ def crop_pair(
     flip: bool,
     rng: np.random.Generator | None,
     resize: bool = True,
+    shuffle_channels: bool = False,
 ) -> tuple[Image.Image, Image.Image]:
     """The target resized to the input's exact size (pixels stay aligned), then both cut with the same box
     by `training.dataset.aligned_crop` (short side to `resolution` unless `resize` is off, then a centred or
-    random square); optionally both flipped."""
+    random square); optionally both flipped, and both given one random order of R, G and B."""
     if edited.size != original.size:
         edited = edited.resize(original.size, Image.Resampling.BICUBIC)
     random_box = not center and rng is not None
@@ -600,6 +607,9 @@ def crop_pair(
     pair = aligned_crop([np.asarray(original), np.asarray(edited)], crop, rng if random_box else None)
     if flip and rng is not None and rng.random() < 0.5:
         pair = [np.ascontiguousarray(image[:, ::-1]) for image in pair]
+    if shuffle_channels and rng is not None:
+        order = rng.permutation(3)
+        pair = [np.ascontiguousarray(image[..., order]) for image in pair]
     return Image.fromarray(pair[0]), Image.fromarray(pair[1])
 
 

@@ -7,7 +7,8 @@
 2. `itsd prepare` twice: the training photos and the held-out ones, each crop degraded (low light, noise,
    rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row.
 3. the base checkpoint (training.tiny preset "itsd-tiny": random weights, the real CLIP tokenizer).
-4. its VAE made a pixel autoencoder (training.autoencoder: set, not trained), scaled for the targets.
+4. its VAE made a pixel autoencoder (training.autoencoder: set, not trained), scaled for the targets, and its
+   UNet given a linear copy path (training.copy_path): before training it is the identity edit.
 5. `itsd train --config training/configs/itsd_tiny.toml`: UNet and text encoder together.
 DIR/train/final is the checkpoint; DIR/recipe.json records the seed, the timings and the VAE's figures.
 """
@@ -23,6 +24,7 @@ import click
 import numpy as np
 
 from training.autoencoder import fit_scaling_factor, make_pixel_autoencoder, reconstruction_psnr
+from training.copy_path import make_copy_path
 from training.dataset import as_pil
 from training.recipes.photos import PHOTOS, write_photos
 
@@ -45,14 +47,17 @@ def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> Non
 
 def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float]:
     """Make the base checkpoint's VAE a pixel autoencoder (training.autoencoder), scaled for the training rows'
-    targets; returns its figures (reconstruction PSNR on the held-out targets)."""
+    targets, and give its UNet the copy path (training.copy_path); returns the VAE's figures (reconstruction
+    PSNR on the held-out targets)."""
     import datasets
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     vae = make_pixel_autoencoder(AutoencoderKL.from_pretrained(base, subfolder="vae"))
     rows = datasets.load_from_disk(str(data))["train"]
     factor = fit_scaling_factor(vae, [np.asarray(as_pil(row["ground_truth_image"])) for row in rows])
     vae.save_pretrained(base / "vae", safe_serialization=True)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    make_copy_path(unet, scale=factor).save_pretrained(base / "unet", safe_serialization=True)
     test = datasets.load_from_disk(str(held_out))["test"]
     targets = [np.asarray(as_pil(row["ground_truth_image"])) for row in test]
     return {"scaling_factor": factor, "held_out_psnr_db": reconstruction_psnr(vae, targets)}
