@@ -2,7 +2,7 @@
 
 A UNet's last GroupNorm (`conv_norm_out`) normalizes each group by its mean and spread over the whole image, so
 what comes out cannot follow the absolute level of what went in: itsd-tiny, trained from random weights,
-learned the edits but painted held-out photos 30-55 levels too red, which cost it more PSNR than the edits
+learned the edits but painted held-out photos 41-56 levels too red, which cost it more PSNR than the edits
 won. This sets weights of an `UNet2DConditionModel` that predicts the clean latents (`prediction_type =
 "sample"`) so that, before training, it returns `scale` times the conditioning image's latents at every
 timestep, along a path that is linear end to end:
@@ -30,7 +30,8 @@ def make_copy_path(unet: torch.nn.Module, scale: float, level: float = 10.0) -> 
     norm = unet.conv_norm_out
     k = norm.num_channels // norm.num_groups if norm is not None else 0
     latent = unet.config.out_channels
-    shortcut = unet.up_blocks[-1].resnets[-1].conv_shortcut
+    resnet = unet.up_blocks[-1].resnets[-1]  # its skip input (the last channels) is conv_in's output
+    shortcut = resnet.conv_shortcut
     if unet.config.in_channels != 2 * latent or latent != SIGNALS + 1 or k < 4 or shortcut is None:
         raise ValueError(
             "a copy path needs 8 input and 4 output channels and at least 4 channels per group at full "
@@ -42,7 +43,6 @@ def make_copy_path(unet: torch.nn.Module, scale: float, level: float = 10.0) -> 
     conv_in.bias[:SIGNALS] = 0.0
     for g in range(SIGNALS):
         conv_in.weight[g, latent + g, centre, centre] = 1.0
-    resnet = unet.up_blocks[-1].resnets[-1]  # its skip input (the last channels) is conv_in's output
     skip = shortcut.weight.shape[1] - conv_in.out_channels
     for g in range(SIGNALS):
         for j, (weight, bias) in enumerate(((1.0, 0.0), (-1.0, 0.0), (0.0, level))):

@@ -37,7 +37,7 @@ SD15_SCHEDULER = {
 # "itsd-tiny": the demo model (training/recipes/itsd_tiny.py), under 30 MB: a one-level VAE that
 # training.autoencoder turns into a pixel autoencoder (latents are the image: restoration keeps its detail),
 # a 4-level UNet that is narrow at full resolution and attends only at 1/8 (0.3 s per 256-px call of a
-# guided batch on 2 cores), and v-prediction, which trains faster from scratch.
+# guided batch on 2 cores) and predicts the clean latents, starting as the identity edit (training.copy_path).
 # "sd15": Stable Diffusion 1.5's architecture (860 M UNet, CLIP ViT-L/14 text tower), for benchmarks.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -70,7 +70,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "up_block_types": ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3,
             "cross_attention_dim": 32,
             "attention_head_dim": 8,
-            "norm_num_groups": 4,  # 4 channels per group at full resolution: training.copy_path needs 3
+            "norm_num_groups": 4,  # 4 channels per group at full resolution: training.copy_path needs at least 4
         },
         "vae": {
             "down_block_types": ("DownEncoderBlock2D",),
@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
         # SD's noise schedule; the UNet predicts the clean latents (training.copy_path starts it as the identity
-        # edit) and is trained on t >= 50 only (itsd_tiny.toml), which trailing spacing never goes below at 20
+        # edit) and is trained on t >= 40 only (itsd_tiny.toml), which trailing spacing never goes below at 20
         # steps. A zero-terminal-SNR run scored higher but learned to ignore the instruction; the model card has it.
         "scheduler": {"prediction_type": "sample", "timestep_spacing": "trailing"},
         "sampler": {"class": "EulerDiscreteScheduler"},  # deterministic: a restoration is not a lottery
