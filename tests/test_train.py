@@ -173,6 +173,21 @@ def test_an_unknown_prediction_type_is_refused_by_name():
         training_target(scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1))
 
 
+def test_input_error_weighting_scores_the_identity_edit_1_on_every_sample_whatever_the_damage():
+    from training.train import INPUT_ERROR_FLOOR, sample_weights
+
+    target = torch.randn(3, 4, 8, 8)
+    damage = torch.tensor([1.0, 0.1, 0.0]).view(3, 1, 1, 1)  # dark photo, mild blur, an untouched flat crop
+    inputs = target + damage * torch.randn(3, 4, 8, 8)
+    weights = sample_weights("input_error", target, inputs)
+    identity = (inputs - target).pow(2).mean((1, 2, 3)) * weights
+    assert torch.allclose(identity[:2], torch.ones(2))  # each task counts by the share of its damage undone
+    assert weights[2] == 1.0 / INPUT_ERROR_FLOOR  # a sample with nothing to undo is capped, not infinite
+    assert torch.equal(sample_weights("uniform", target, inputs), torch.ones(3))
+    with pytest.raises(ConfigError, match="loss_weighting must be one of uniform, input_error"):
+        TrainConfig(loss_weighting="psnr")
+
+
 def test_task_weights_give_each_task_its_share_however_many_rows_it_has():
     from training.train import row_weights
 
@@ -332,6 +347,15 @@ def test_training_a_tiny_model_on_a_learnable_dataset_lowers_the_loss(tiny_check
     assert grid.size == (3 * 64, 2 * 64)  # input | output | target, one row per validation row
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-50"]  # checkpointing_steps=0: at the end
+
+
+def test_input_error_weighting_trains_on_losses_relative_to_the_identity_edit(tiny_checkpoint, dataset, tmp_path):
+    from training.train import train
+
+    cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", max_train_steps=3, loss_weighting="input_error")
+    losses = train(cfg)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert 0.05 < losses[0] < 50  # an untrained UNet is within a few times the identity's error, not 1e-2 or 1e4
 
 
 def test_resuming_from_a_checkpoint_gives_the_losses_of_an_uninterrupted_run(tiny_checkpoint, dataset, tmp_path):

@@ -20,6 +20,7 @@ from core.errors import PermanentError
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+LOSS_WEIGHTINGS = ("uniform", "input_error")
 
 
 class ConfigError(PermanentError):
@@ -68,6 +69,9 @@ class TrainConfig:
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: less optimizer memory on GPU
     min_timestep: int = 0  # timesteps are drawn from [min_timestep, num_train_timesteps): a model that predicts the
     # clean image need not learn to copy nearly clean latents if its sampler never asks (trailing spacing)
+    loss_weighting: str = "uniform"  # uniform: plain MSE (the reference); input_error: each sample's MSE over its
+    # input's own error against the target (the identity edit's), so tasks count by how much of their damage is
+    # undone, not by its size: a dark photo's error is ~100x a blurred one's, and would otherwise set the model
     conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
     train_text_encoder: bool = False  # also train the text encoder (a from-scratch model has no CLIP to keep)
     use_ema: bool = True  # EMA of the trained weights (UNet, and text encoder if trained): what final/ holds
@@ -96,6 +100,8 @@ class TrainConfig:
             problems.append(f"min_timestep must be at least 0 (got {self.min_timestep})")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.lr_scheduler not in LR_SCHEDULES:
             problems.append(f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
