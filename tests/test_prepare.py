@@ -170,6 +170,26 @@ def test_a_synthetic_mixture_can_hold_cartoonization_made_by_the_built_in_teache
     assert code != 0 and "cartoonization" in output
 
 
+def test_untouched_rows_leave_a_share_of_restoration_inputs_clean_so_only_the_instruction_tells_the_task(
+    photos: Path, tmp_path: Path
+) -> None:
+    common = ["--clean", str(photos), "--validation-fraction", "0", "--test-fraction", "0", "--samples-per-image", "8"]
+    mixture = ["--task", "cartoonization", "--task", "denoise", "--untouched", "0.5"]
+    code, output = prepare(str(tmp_path / "out"), *common, *mixture)
+    assert code == 0, output
+    table = rows(tmp_path / "out")
+    same = [np.array_equal(pixels(r["input_image"]), pixels(r["ground_truth_image"])) for r in table]
+    denoise = [s for s, r in zip(same, table, strict=True) if r["task"] == "denoise"]
+    assert 0 < sum(denoise) < len(denoise)  # some denoising rows have nothing to undo, the rest are noisy
+    assert not any(s for s, r in zip(same, table, strict=True) if r["task"] == "cartoonization")  # the teacher edits
+    code, output = prepare(str(tmp_path / "plain"), *common, "--task", "denoise")
+    assert code == 0 and not any(
+        np.array_equal(pixels(r["input_image"]), pixels(r["ground_truth_image"])) for r in rows(tmp_path / "plain")
+    )
+    code, output = prepare(str(tmp_path / "bad"), "--photos", str(photos), "--untouched", "0.2")
+    assert code != 0 and "--untouched goes with --clean" in output
+
+
 def test_paired_folders_stay_pixel_aligned_and_report_unmatched_files(photos: Path, tmp_path: Path) -> None:
     inputs, targets = tmp_path / "rainy", tmp_path / "clean"
     (inputs / "scene").mkdir(parents=True)

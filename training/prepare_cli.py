@@ -121,6 +121,14 @@ task_options = bundle(
         f"in '{CHOICES_COLUMN}' so the trainer samples one per step.",
     ),
     click.option("--templates-dir", type=_dir(), help="Folder of <task>.txt templates replacing the shipped ones."),
+    click.option(
+        "--untouched",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.0,
+        show_default=True,
+        help="--clean only: share of restoration rows whose input is the clean crop (the target too), so the "
+        "instruction, not the photo alone, says what to do.",
+    ),
 )
 crop_options = bundle(
     click.option(
@@ -204,11 +212,14 @@ def build_source(
     onnx_range: str,
     teacher_command: str | None,
     pair_strip: tuple[str, ...],
+    untouched: float = 0.0,
 ) -> Source:
     if sum(x is not None and x != () for x in (photos, pairs, clean)) != 1:
         raise click.UsageError("give exactly one source: --photos, --pairs or --clean")
     if (teacher_onnx or teacher_command) and not photos:
         raise click.UsageError("--teacher-onnx and --teacher-command go with --photos")
+    if untouched and not clean:
+        raise click.UsageError("--untouched goes with --clean")
     if clean:
         tasks = tasks or dict.fromkeys(TASK_DEGRADATIONS, 1.0)
         known = [*TASK_DEGRADATIONS, *BUILTIN_TEACHERS]
@@ -217,7 +228,7 @@ def build_source(
             raise click.UsageError(
                 f"no degradation or teacher for task(s) {', '.join(unknown)}; choose from {', '.join(known)}"
             )
-        return SyntheticSource(clean, tasks, BUILTIN_TEACHERS)
+        return SyntheticSource(clean, tasks, BUILTIN_TEACHERS, untouched)
     if len(tasks) > 1:
         raise click.UsageError("a mixture of tasks needs --clean; --photos and --pairs take one --task")
     if pairs:
@@ -269,6 +280,7 @@ def run(
     tasks: dict[str, float],
     paraphrases: str,
     templates_dir: Path | None,
+    untouched: float,
     resolution: int,
     crop_mode: str,
     resize: bool,
@@ -291,7 +303,7 @@ def run(
             raise click.ClickException(f"{out} exists and is not empty (use --overwrite to replace it)")
         if not (out / "summary.json").is_file():  # never delete a folder this command did not write
             raise click.ClickException(f"{out} is not a dataset made by itsd prepare; refusing to replace it")
-    source = build_source(photos, pairs, clean, tasks, teacher_onnx, onnx_range, teacher_command, pair_strip)
+    source = build_source(photos, pairs, clean, tasks, teacher_onnx, onnx_range, teacher_command, pair_strip, untouched)
     folder = photos or clean or (pairs[0] if pairs else None)
     if not source.units:
         raise click.ClickException(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -5,7 +5,10 @@ stable key, and turns one unit into examples: aligned (input, target) crops for 
 - `PairSource`: paired folders matched by relative path and file stem (Rain13k, SIDD, LOL, REDS layouts).
 - `SyntheticSource`: clean photos; a seeded degradation of the crop is the input, the crop the target. A task
   with a teacher instead (cartoonization) takes the clean crop as input and the teacher's output as target,
-  so one dataset can mix restoration and teacher tasks.
+  so one dataset can mix restoration and teacher tasks. A share of restoration rows (`untouched`) keeps the
+  clean crop as input and target: an instruction with nothing to undo leaves the photo alone. Without such
+  rows every input shows its task (a degraded photo: that damage; a clean one: the teacher's edit), and a
+  model trained on them learns to ignore the instruction.
 All randomness comes from `rng_for(seed, key, ...)`, so a unit gives the same examples in any order.
 """
 
@@ -93,8 +96,10 @@ class PairSource:
 
 
 class SyntheticSource:
-    def __init__(self, folder: Path, tasks: dict[str, float], teachers: dict[str, Teacher] | None = None) -> None:
-        self.folder, self.tasks, self.teachers = folder, tasks, teachers or {}
+    def __init__(
+        self, folder: Path, tasks: dict[str, float], teachers: dict[str, Teacher] | None = None, untouched: float = 0.0
+    ) -> None:
+        self.folder, self.tasks, self.teachers, self.untouched = folder, tasks, teachers or {}, untouched
         self.units = [Unit(key, (path,)) for key, path in find_images(folder).items()]
         total = sum(tasks.values())
         self.names, self.weights = list(tasks), np.array([w / total for w in tasks.values()])
@@ -108,6 +113,9 @@ class SyntheticSource:
             clean = np.ascontiguousarray(clean)
             if task in self.teachers:
                 yield Example(f"{unit.key}#{i}", task, clean, self.teachers[task](clean))
+                continue
+            if self.untouched and rng.random() < self.untouched:
+                yield Example(f"{unit.key}#{i}", task, clean, clean)
                 continue
             degraded, _, _ = degrade(clean, task, rng)
             yield Example(f"{unit.key}#{i}", task, degraded, clean)

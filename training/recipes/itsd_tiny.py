@@ -32,6 +32,10 @@ HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portr
 TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
 CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
 TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
+# Share of the training rows of restoration tasks left clean (input = target): a clean photo is then either a
+# cartoon to ink or a photo to leave alone, and only the instruction says which. Without them the image alone
+# told the task of every row, and a run with input_error weighting learned to ignore the instruction.
+UNTOUCHED = 0.2
 
 
 def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> None:
@@ -42,6 +46,7 @@ def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> Non
     args += ["--samples-per-image", str(samples), "--seed", str(seed), "--overwrite"]
     fractions = {"train": ("0", "0"), "test": ("0", "1")}[split]
     args += ["--validation-fraction", fractions[0], "--test-fraction", fractions[1]]
+    args += ["--untouched", str(UNTOUCHED)] if split == "train" else []  # the test set: every row has an edit
     prepare_command.main(args, standalone_mode=False)
 
 
