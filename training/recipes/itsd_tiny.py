@@ -32,13 +32,9 @@ HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portr
 TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
 CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
 TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
-# Share of the training rows of restoration tasks left clean (input = target): a clean photo is then either a
-# cartoon to ink or a photo to leave alone, and only the instruction says which. Without them the image alone
-# told the task of every row, and a run with input_error weighting learned to ignore the instruction.
-UNTOUCHED = 0.2
 
 
-def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> None:
+def prepare(photos: Path, out: Path, seed: int, samples: int, split: str, untouched: float = 0.0) -> None:
     from training.prepare_cli import prepare as prepare_command
 
     args = [str(out), "--clean", str(photos), "--paraphrases", "all", "--resolution", "256", "--quiet"]
@@ -46,7 +42,7 @@ def prepare(photos: Path, out: Path, seed: int, samples: int, split: str) -> Non
     args += ["--samples-per-image", str(samples), "--seed", str(seed), "--overwrite"]
     fractions = {"train": ("0", "0"), "test": ("0", "1")}[split]
     args += ["--validation-fraction", fractions[0], "--test-fraction", fractions[1]]
-    args += ["--untouched", str(UNTOUCHED)] if split == "train" else []  # the test set: every row has an edit
+    args += ["--untouched", str(untouched)] if untouched else []
     prepare_command.main(args, standalone_mode=False)
 
 
@@ -72,20 +68,28 @@ def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Working folder.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of every step.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of the training config.")
-def main(out: Path, seed: int, overrides: tuple[str, ...]) -> None:
+@click.option(
+    "--untouched",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Share of the training rows of restoration tasks left clean (itsd prepare --untouched); the test set "
+    "keeps an edit on every row.",
+)
+def main(out: Path, seed: int, overrides: tuple[str, ...], untouched: float) -> None:
     """Make itsd-tiny from scratch into OUT (OUT/train/final is the checkpoint)."""
     from training.config import load_config
     from training.tiny import build_tiny_checkpoint
     from training.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    record: dict[str, object] = {"seed": seed, "held_out": list(HELD_OUT), "seconds": {}}
+    record: dict[str, object] = {"seed": seed, "untouched": untouched, "held_out": list(HELD_OUT), "seconds": {}}
     seconds: dict[str, float] = record["seconds"]  # type: ignore[assignment]
     start = time.perf_counter()
     training_photos = [name for name in PHOTOS if name not in HELD_OUT]
     write_photos(training_photos, out / "photos" / "train")
     write_photos(HELD_OUT, out / "photos" / "test")
-    prepare(out / "photos" / "train", out / "data-train", seed, TRAIN_SAMPLES, "train")
+    prepare(out / "photos" / "train", out / "data-train", seed, TRAIN_SAMPLES, "train", untouched)
     prepare(out / "photos" / "test", out / "data-test", seed + 1, TEST_SAMPLES, "test")
     seconds["prepare"] = time.perf_counter() - start
 
