@@ -101,6 +101,14 @@ source_options = bundle(
         help="Text removed from file stems before matching pairs, e.g. NOISY_ and GT_ (repeatable).",
     ),
 )
+untouched_option = click.option(
+    "--untouched",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="With --clean: share of restoration rows whose input is the clean crop (the target too), so the "
+    "instruction, not the photo alone, says what to do.",
+)
 task_options = bundle(
     click.option(
         "--task",
@@ -121,14 +129,7 @@ task_options = bundle(
         f"in '{CHOICES_COLUMN}' so the trainer samples one per step.",
     ),
     click.option("--templates-dir", type=_dir(), help="Folder of <task>.txt templates replacing the shipped ones."),
-    click.option(
-        "--untouched",
-        type=click.FloatRange(0, 1, max_open=True),
-        default=0.0,
-        show_default=True,
-        help="--clean only: share of restoration rows whose input is the clean crop (the target too), so the "
-        "instruction, not the photo alone, says what to do.",
-    ),
+    untouched_option,
 )
 crop_options = bundle(
     click.option(

@@ -26,6 +26,7 @@ import numpy as np
 from training.autoencoder import fit_scaling_factor, make_pixel_autoencoder, reconstruction_psnr
 from training.copy_path import make_copy_path
 from training.dataset import as_pil
+from training.prepare_cli import untouched_option
 from training.recipes.photos import PHOTOS, write_photos
 
 HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portrait: the test set
@@ -68,14 +69,7 @@ def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Working folder.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of every step.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of the training config.")
-@click.option(
-    "--untouched",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.0,
-    show_default=True,
-    help="Share of the training rows of restoration tasks left clean (itsd prepare --untouched); the test set "
-    "keeps an edit on every row.",
-)
+@untouched_option  # the training rows only: every test row keeps its edit
 def main(out: Path, seed: int, overrides: tuple[str, ...], untouched: float) -> None:
     """Make itsd-tiny from scratch into OUT (OUT/train/final is the checkpoint)."""
     from training.config import load_config
