@@ -78,10 +78,17 @@ def test_the_check_scores_own_and_unseen_phrasings_per_task_and_draws_the_figure
         main, [str(tmp_path / "data"), str(tiny_artifacts), "--out", str(tmp_path / "check"), "--rows-per-task", "1",
                "--steps", "1"],
     )  # fmt: skip
-    assert result.exit_code in (0, 1), result.output  # 1: a random-weight model misses the bar, as it should
+    assert result.exit_code == 1, result.output  # a random-weight model misses the bar, as it should
     import json
 
-    results = json.loads((tmp_path / "check" / "check.json").read_text())["results"]
+    report = json.loads((tmp_path / "check" / "check.json").read_text())
+    results, confusion = report["results"], report["confusion_gain_db"]
     assert [(r["task"], r["kind"]) for r in results] == [(t, k) for t in UNSEEN for k in ("own", "unseen")]
     assert [r["instruction"] for r in results if r["kind"] == "unseen"] == list(UNSEEN.values())
+    assert {task: list(row) for task, row in confusion.items()} == {task: list(UNSEEN) for task in UNSEEN}
+    for r in (r for r in results if r["kind"] == "unseen"):  # the unseen phrasing against the best other one
+        assert r["gain_db"] == confusion[r["task"]][r["task"]]
+        assert r["margin_db"] == r["gain_db"] - confusion[r["task"]][r["runner_up"]] and r["runner_up"] != r["task"]
+        assert r["margin_db"] > 0 or not r["passed"]
+    assert "| rows | low_light | denoise" in (tmp_path / "check" / "check.md").read_text()
     assert (tmp_path / "check" / "itsd-tiny.jpg").is_file()
