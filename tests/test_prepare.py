@@ -190,6 +190,18 @@ def test_untouched_rows_leave_a_share_of_restoration_inputs_clean_so_only_the_in
     assert code != 0 and "--untouched goes with --clean" in output
 
 
+def test_an_untouched_row_is_clean_or_has_another_tasks_damage_never_its_own(tmp_path: Path) -> None:
+    from training.sources import SyntheticSource
+    from training.teachers import BUILTIN_TEACHERS
+
+    tasks = dict.fromkeys(("low_light", "denoise", "derain", "cartoonization"), 1.0)
+    source = SyntheticSource(tmp_path, tasks, BUILTIN_TEACHERS, untouched=0.5)
+    rng = np.random.default_rng(0)
+    drawn = {task: {source.foreign_damage(task, rng) for _ in range(200)} for task in ("low_light", "denoise")}
+    assert drawn["low_light"] == {None, "denoise", "derain"}  # never the teacher's task, never its own
+    assert drawn["denoise"] == {None, "derain"}  # a dark photo carries sensor noise: denoising it has work to do
+
+
 def test_paired_folders_stay_pixel_aligned_and_report_unmatched_files(photos: Path, tmp_path: Path) -> None:
     inputs, targets = tmp_path / "rainy", tmp_path / "clean"
     (inputs / "scene").mkdir(parents=True)

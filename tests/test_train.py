@@ -174,18 +174,23 @@ def test_an_unknown_prediction_type_is_refused_by_name():
 
 
 def test_input_error_weighting_scores_the_identity_edit_1_on_every_sample_whatever_the_damage():
-    from training.train import INPUT_ERROR_FLOOR, sample_weights
+    from training.train import sample_weights
 
     target = torch.randn(3, 4, 8, 8)
     damage = torch.tensor([1.0, 0.1, 0.0]).view(3, 1, 1, 1)  # dark photo, mild blur, an untouched flat crop
     inputs = target + damage * torch.randn(3, 4, 8, 8)
-    weights = sample_weights("input_error", target, inputs)
+    floor = TrainConfig().input_error_floor
+    weights = sample_weights("input_error", target, inputs, floor)
     identity = (inputs - target).pow(2).mean((1, 2, 3)) * weights
     assert torch.allclose(identity[:2], torch.ones(2))  # each task counts by the share of its damage undone
-    assert weights[2] == 1.0 / INPUT_ERROR_FLOOR  # a sample with nothing to undo is capped, not infinite
-    assert torch.equal(sample_weights("uniform", target, inputs), torch.ones(3))
+    assert weights[2] == 1.0 / floor  # a sample with nothing to undo is capped, not infinite
+    raised = sample_weights("input_error", target, inputs, 0.5)  # a higher floor caps the mild blur too
+    assert raised[0] == weights[0] and torch.equal(raised[1:], torch.tensor([2.0, 2.0]))
+    assert torch.equal(sample_weights("uniform", target, inputs, floor), torch.ones(3))
     with pytest.raises(ConfigError, match="loss_weighting must be one of uniform, input_error"):
         TrainConfig(loss_weighting="psnr")
+    with pytest.raises(ConfigError, match="input_error_floor must be above 0"):
+        TrainConfig(input_error_floor=0.0)
 
 
 def test_task_weights_give_each_task_its_share_however_many_rows_it_has():

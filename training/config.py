@@ -72,6 +72,9 @@ class TrainConfig:
     loss_weighting: str = "uniform"  # uniform: plain MSE (the reference); input_error: each sample's MSE over its
     # input's own error against the target (the identity edit's), so tasks count by how much of their damage is
     # undone, not by its size: a dark photo's error is ~100x a blurred one's, and would otherwise set the model
+    input_error_floor: float = 0.005  # input_error: an input closer than this (scaled latents have unit variance:
+    # 0.005 is ~23 dB below the signal) weighs as if it were this far, so an untouched row (input = target) or a
+    # crop the damage barely touched cannot take the batch over: 1 / floor is the most a sample weighs
     conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
     train_text_encoder: bool = False  # also train the text encoder (a from-scratch model has no CLIP to keep)
     use_ema: bool = True  # EMA of the trained weights (UNet, and text encoder if trained): what final/ holds
@@ -100,6 +103,8 @@ class TrainConfig:
             problems.append(f"min_timestep must be at least 0 (got {self.min_timestep})")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.input_error_floor <= 0:
+            problems.append(f"input_error_floor must be above 0 (got {self.input_error_floor})")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             problems.append(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.lr_scheduler not in LR_SCHEDULES:

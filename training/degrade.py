@@ -122,6 +122,8 @@ DEGRADATIONS: dict[str, Degradation] = {
         ),
     )
 }
+# Damage that also holds another task's: a low-light photo carries sensor noise, so denoising it has work to do.
+ALSO_DAMAGES: dict[str, tuple[str, ...]] = {"low_light": ("denoise",)}
 # Tasks that a synthetic dataset can hold, and the degradations (drawn evenly) that make their inputs.
 TASK_DEGRADATIONS: dict[str, tuple[str, ...]] = {
     task: tuple(name for name, d in DEGRADATIONS.items() if d.task == task)

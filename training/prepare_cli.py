@@ -106,8 +106,9 @@ untouched_option = click.option(
     type=click.FloatRange(0, 1, max_open=True),
     default=0.0,
     show_default=True,
-    help="With --clean: share of restoration rows whose input is the clean crop (the target too), so the "
-    "instruction, not the photo alone, says what to do.",
+    help="With --clean: share of restoration rows with nothing of their task to undo (the input is the clean crop "
+    "or has another task's damage; the target is the input), so the instruction, not the photo alone, says what "
+    "to do.",
 )
 task_options = bundle(
     click.option(

@@ -5,10 +5,11 @@ stable key, and turns one unit into examples: aligned (input, target) crops for 
 - `PairSource`: paired folders matched by relative path and file stem (Rain13k, SIDD, LOL, REDS layouts).
 - `SyntheticSource`: clean photos; a seeded degradation of the crop is the input, the crop the target. A task
   with a teacher instead (cartoonization) takes the clean crop as input and the teacher's output as target,
-  so one dataset can mix restoration and teacher tasks. A share of restoration rows (`untouched`) keeps the
-  clean crop as input and target: an instruction with nothing to undo leaves the photo alone. Without such
-  rows every input shows its task (a degraded photo: that damage; a clean one: the teacher's edit), and a
-  model trained on them learns to ignore the instruction.
+  so one dataset can mix restoration and teacher tasks. A share of restoration rows (`untouched`) has nothing
+  of its task to undo, and its target is its input: the clean crop, or the crop with another restoration
+  task's damage ("remove the rain" leaves a dark photo dark). Without such rows every input shows its task (a
+  degraded photo: that damage; a clean one: the teacher's edit), and a model trained on them learns to ignore
+  the instruction; with clean ones only, it learns "restore" from "restyle" but not which damage to undo.
 All randomness comes from `rng_for(seed, key, ...)`, so a unit gives the same examples in any order.
 """
 
@@ -24,7 +25,7 @@ from core.errors import ImageTooLarge, InputNotFound, InvalidImage
 from core.images import read_image_file
 from core.inputs import IMAGE_SUFFIXES
 from training.dataset import Crop, aligned_crop
-from training.degrade import degrade
+from training.degrade import ALSO_DAMAGES, degrade
 from training.teachers import Teacher, TeacherFailed
 from training.templates import rng_for
 
@@ -72,6 +73,13 @@ class PhotoSource:
         self.units = [Unit(key, (path,)) for key, path in find_images(folder).items()]
         self.tasks = {task: 1.0}
 
+    def foreign_damage(self, task: str, rng: np.random.Generator) -> str | None:
+        """For an untouched row of `task`: another restoration task of this source whose damage leaves `task`
+        nothing to undo, or None (the clean crop), drawn evenly."""
+        others = [o for o in self.names if o not in self.teachers and o != task and task not in ALSO_DAMAGES.get(o, ())]
+        choice = int(rng.integers(len(others) + 1))
+        return others[choice] if choice < len(others) else None
+
     def examples(self, unit: Unit, crop: Crop, seed: int, samples: int) -> Iterator[Example]:
         photo = load(unit.paths[0])
         for i in range(samples):
@@ -104,6 +112,13 @@ class SyntheticSource:
         total = sum(tasks.values())
         self.names, self.weights = list(tasks), np.array([w / total for w in tasks.values()])
 
+    def foreign_damage(self, task: str, rng: np.random.Generator) -> str | None:
+        """For an untouched row of `task`: another restoration task of this source whose damage leaves `task`
+        nothing to undo, or None (the clean crop), drawn evenly."""
+        others = [o for o in self.names if o not in self.teachers and o != task and task not in ALSO_DAMAGES.get(o, ())]
+        choice = int(rng.integers(len(others) + 1))
+        return others[choice] if choice < len(others) else None
+
     def examples(self, unit: Unit, crop: Crop, seed: int, samples: int) -> Iterator[Example]:
         photo = load(unit.paths[0])
         for i in range(samples):
@@ -115,7 +130,9 @@ class SyntheticSource:
                 yield Example(f"{unit.key}#{i}", task, clean, self.teachers[task](clean))
                 continue
             if self.untouched and rng.random() < self.untouched:
-                yield Example(f"{unit.key}#{i}", task, clean, clean)
+                other = self.foreign_damage(task, rng)
+                untouched = degrade(clean, other, rng)[0] if other else clean
+                yield Example(f"{unit.key}#{i}", task, untouched, untouched)
                 continue
             degraded, _, _ = degrade(clean, task, rng)
             yield Example(f"{unit.key}#{i}", task, degraded, clean)

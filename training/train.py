@@ -171,7 +171,9 @@ def train(cfg: TrainConfig) -> list[float]:
             batch = next(batches)
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
             latents, image_latents, text = encode_batch(batch, vae, text_encoder, gen, weight_dtype)
-            loss_weights = sample_weights(cfg.loss_weighting, latents, image_latents * vae.config.scaling_factor)
+            loss_weights = sample_weights(
+                cfg.loss_weighting, latents, image_latents * vae.config.scaling_factor, cfg.input_error_floor
+            )
             if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
                 null_text = text_encoder(null_ids, return_dict=False)[0]
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
@@ -404,18 +406,14 @@ def training_target(
     raise ValueError(f"unsupported prediction_type {kind!r}: epsilon, v_prediction or sample")
 
 
-# Scaled latents have unit variance: an input this close to its target (~23 dB below the signal) is weighted as if
-# it were this far, so that a crop the degradation barely touched (a flat sky, blurred) cannot take the batch over.
-INPUT_ERROR_FLOOR = 0.005
-
-
-def sample_weights(weighting: str, latents: torch.Tensor, input_latents: torch.Tensor) -> torch.Tensor:
+def sample_weights(weighting: str, latents: torch.Tensor, input_latents: torch.Tensor, floor: float) -> torch.Tensor:
     """Per-sample loss weights: ones ("uniform"), or 1 / the mean squared error of the input's latents (scaled as
-    the target's) against the target's ("input_error"): the identity edit then scores 1 on every sample."""
+    the target's) against the target's, at least `floor` ("input_error"): the identity edit then scores 1 on every
+    sample whose input is at least `floor` from its target."""
     if weighting == "uniform":
         return torch.ones(latents.shape[0], device=latents.device)
     error = (input_latents.float() - latents.float()).pow(2).mean((1, 2, 3))
-    return 1.0 / error.clamp(min=INPUT_ERROR_FLOOR)
+    return 1.0 / error.clamp(min=floor)
 
 
 def conditioning_dropout(
