@@ -101,15 +101,21 @@ source_options = bundle(
         help="Text removed from file stems before matching pairs, e.g. NOISY_ and GT_ (repeatable).",
     ),
 )
-untouched_option = click.option(
-    "--untouched",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.0,
-    show_default=True,
-    help="With --clean: share of restoration rows with nothing of their task to undo (the input is the clean crop "
-    "or has another task's damage; the target is the input), so the instruction, not the photo alone, says what "
-    "to do.",
-)
+
+
+def untouched_option(default: float = 0.0) -> Decorator:
+    """`--untouched`, for `itsd prepare` (default 0) and the itsd-tiny recipe (its own default)."""
+    return click.option(
+        "--untouched",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=default,
+        show_default=True,
+        help="With --clean: share of restoration rows with nothing of their task to undo (the input is the clean "
+        "crop or has another task's damage; the target is the input), so the instruction, not the photo alone, "
+        "says what to do.",
+    )
+
+
 task_options = bundle(
     click.option(
         "--task",
@@ -130,7 +136,7 @@ task_options = bundle(
         f"in '{CHOICES_COLUMN}' so the trainer samples one per step.",
     ),
     click.option("--templates-dir", type=_dir(), help="Folder of <task>.txt templates replacing the shipped ones."),
-    untouched_option,
+    untouched_option(),
 )
 crop_options = bundle(
     click.option(

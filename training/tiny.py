@@ -71,6 +71,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "cross_attention_dim": 32,
             "attention_head_dim": 8,
             "norm_num_groups": 4,  # 4 channels per group at full resolution: training.copy_path needs at least 4
+            # the instruction also reaches every ResNet: attention-pooled into the timestep embedding
+            "addition_embed_type": "text",
+            "addition_embed_type_num_heads": 4,
         },
         "vae": {
             "down_block_types": ("DownEncoderBlock2D",),

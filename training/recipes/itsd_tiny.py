@@ -5,7 +5,8 @@
 1. photos: ten real photos that ship inside pip packages (training.recipes.photos); HELD_OUT are never
    trained on: they are the test set.
 2. `itsd prepare` twice: the training photos and the held-out ones, each crop degraded (low light, noise,
-   rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row.
+   rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row; a quarter of the
+   training restoration rows are untouched (`--untouched`: nothing of their task to undo, target = input).
 3. the base checkpoint (training.tiny preset "itsd-tiny": random weights, the real CLIP tokenizer).
 4. its VAE made a pixel autoencoder (training.autoencoder: set, not trained), scaled for the targets, and its
    UNet given a linear copy path (training.copy_path): before training it is the identity edit.
@@ -33,6 +34,7 @@ HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portr
 TASKS = ("low_light", "denoise", "derain", "deblur", "cartoonization")
 CONFIG = Path(__file__).parents[1] / "configs" / "itsd_tiny.toml"
 TRAIN_SAMPLES, TEST_SAMPLES = 80, 12  # crops per photo; each crop gets one task, drawn evenly
+UNTOUCHED = 0.25  # share of restoration rows with nothing of their task to undo: the instruction must be read
 
 
 def prepare(photos: Path, out: Path, seed: int, samples: int, split: str, untouched: float = 0.0) -> None:
@@ -69,7 +71,7 @@ def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Working folder.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of every step.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of the training config.")
-@untouched_option  # the training rows only: every test row keeps its edit
+@untouched_option(UNTOUCHED)  # the training rows only: every test row keeps its edit
 def main(out: Path, seed: int, overrides: tuple[str, ...], untouched: float) -> None:
     """Make itsd-tiny from scratch into OUT (OUT/train/final is the checkpoint)."""
     from training.config import load_config
