@@ -141,8 +141,9 @@ def main(dataset: Path, artifacts: Path, out: Path, rows_per_task: int | None, p
     figure(out, list(UNSEEN))
     report = {"params": params.to_dict(), "results": results, "confusion_gain_db": confusion}
     (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "check.md").write_text(tables(results, confusion))
-    click.echo(tables(results, confusion))
+    markdown = tables(results, confusion)
+    (out / "check.md").write_text(markdown)
+    click.echo(markdown)
     if not all(r["passed"] for r in results):
         raise SystemExit(1)
 
