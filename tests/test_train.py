@@ -186,11 +186,15 @@ def test_input_error_weighting_scores_the_identity_edit_1_on_every_sample_whatev
     assert weights[2] == 1.0 / floor  # a sample with nothing to undo is capped, not infinite
     raised = sample_weights("input_error", target, inputs, 0.5)  # a higher floor caps the mild blur too
     assert raised[0] == weights[0] and torch.equal(raised[1:], torch.tensor([2.0, 2.0]))
+    capped = sample_weights("input_error", target, inputs, floor, 0.5)  # a ceiling lifts the dark photo to 2
+    assert capped[0] == 2.0 and torch.equal(capped[1:], weights[1:])
     assert torch.equal(sample_weights("uniform", target, inputs, floor), torch.ones(3))
     with pytest.raises(ConfigError, match="loss_weighting must be one of uniform, input_error"):
         TrainConfig(loss_weighting="psnr")
     with pytest.raises(ConfigError, match="input_error_floor must be above 0"):
         TrainConfig(input_error_floor=0.0)
+    with pytest.raises(ConfigError, match="input_error_ceiling must be 0"):
+        TrainConfig(input_error_floor=0.1, input_error_ceiling=0.05)
 
 
 def test_task_weights_give_each_task_its_share_however_many_rows_it_has():

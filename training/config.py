@@ -75,6 +75,8 @@ class TrainConfig:
     input_error_floor: float = 0.005  # input_error: an input closer than this (scaled latents have unit variance:
     # 0.005 is ~23 dB below the signal) weighs as if it were this far, so an untouched row (input = target) or a
     # crop the damage barely touched cannot take the batch over: 1 / floor is the most a sample weighs
+    input_error_ceiling: float = 0.0  # input_error: an input further than this weighs as if it were this far, so
+    # a dark photo (error ~1.5) still counts: 1 / ceiling is the least a sample weighs; 0 = no ceiling
     conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
     train_text_encoder: bool = False  # also train the text encoder (a from-scratch model has no CLIP to keep)
     use_ema: bool = True  # EMA of the trained weights (UNet, and text encoder if trained): what final/ holds
@@ -105,6 +107,10 @@ class TrainConfig:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.input_error_floor <= 0:
             problems.append(f"input_error_floor must be above 0 (got {self.input_error_floor})")
+        if self.input_error_ceiling and self.input_error_ceiling < self.input_error_floor:
+            problems.append(
+                f"input_error_ceiling must be 0 (none) or at least input_error_floor ({self.input_error_floor})"
+            )
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             problems.append(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.lr_scheduler not in LR_SCHEDULES:

@@ -172,7 +172,11 @@ def train(cfg: TrainConfig) -> list[float]:
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
             latents, image_latents, text = encode_batch(batch, vae, text_encoder, gen, weight_dtype)
             loss_weights = sample_weights(
-                cfg.loss_weighting, latents, image_latents * vae.config.scaling_factor, cfg.input_error_floor
+                cfg.loss_weighting,
+                latents,
+                image_latents * vae.config.scaling_factor,
+                cfg.input_error_floor,
+                cfg.input_error_ceiling,
             )
             if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
                 null_text = text_encoder(null_ids, return_dict=False)[0]
@@ -406,14 +410,16 @@ def training_target(
     raise ValueError(f"unsupported prediction_type {kind!r}: epsilon, v_prediction or sample")
 
 
-def sample_weights(weighting: str, latents: torch.Tensor, input_latents: torch.Tensor, floor: float) -> torch.Tensor:
+def sample_weights(
+    weighting: str, latents: torch.Tensor, input_latents: torch.Tensor, floor: float, ceiling: float = 0.0
+) -> torch.Tensor:
     """Per-sample loss weights: ones ("uniform"), or 1 / the mean squared error of the input's latents (scaled as
-    the target's) against the target's, at least `floor` ("input_error"): the identity edit then scores 1 on every
-    sample whose input is at least `floor` from its target."""
+    the target's) against the target's, clamped to [floor, ceiling] (no ceiling if 0) ("input_error"): the identity
+    edit then scores 1 on every sample whose input error lies between them."""
     if weighting == "uniform":
         return torch.ones(latents.shape[0], device=latents.device)
     error = (input_latents.float() - latents.float()).pow(2).mean((1, 2, 3))
-    return 1.0 / error.clamp(min=floor)
+    return 1.0 / error.clamp(min=floor, max=ceiling or None)
 
 
 def conditioning_dropout(
