@@ -73,13 +73,6 @@ class PhotoSource:
         self.units = [Unit(key, (path,)) for key, path in find_images(folder).items()]
         self.tasks = {task: 1.0}
 
-    def foreign_damage(self, task: str, rng: np.random.Generator) -> str | None:
-        """For an untouched row of `task`: another restoration task of this source whose damage leaves `task`
-        nothing to undo, or None (the clean crop), drawn evenly."""
-        others = [o for o in self.names if o not in self.teachers and o != task and task not in ALSO_DAMAGES.get(o, ())]
-        choice = int(rng.integers(len(others) + 1))
-        return others[choice] if choice < len(others) else None
-
     def examples(self, unit: Unit, crop: Crop, seed: int, samples: int) -> Iterator[Example]:
         photo = load(unit.paths[0])
         for i in range(samples):
