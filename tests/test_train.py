@@ -223,6 +223,27 @@ def test_instructions_are_drawn_from_the_task_paraphrases_when_a_templates_file_
     assert original.size == edited.size == (32, 32)
 
 
+def test_word_dropout_keeps_a_random_ordered_subset_of_the_words_and_never_empties_the_instruction(dataset, templates):
+    from training.train import PairDataset, drop_words, load_rows
+
+    text = "Swap every color for its opposite"
+    rng = np.random.default_rng(0)
+    draws = [drop_words(text, 0.5, rng) for _ in range(200)]
+    for draw in draws:  # the kept words, in their order
+        kept = iter(text.split())
+        assert draw and all(word in kept for word in draw.split())
+    assert len(set(draws)) > 20 and text in draws
+    assert {len(d.split()) for d in draws} >= {1, 6}
+    assert drop_words(text, 0.0, rng) == text and drop_words("Deblur", 0.9, rng) == "Deblur"
+    cfg = TrainConfig(resolution=32, instructions_dir=str(templates), instruction_word_dropout=0.5)
+    rows, _ = load_rows(TrainConfig(dataset=str(dataset), instructions_dir=str(templates)))
+    pairs = PairDataset(rows, cfg, tokenizer=None)
+    assert len({pairs.pair(0, rng)[2] for _ in range(40)} - set(INVERT_PARAPHRASES)) > 5
+    assert pairs.pair(0, None)[2] == "invert the colors"  # no rng (validation): the row's own text, whole
+    with pytest.raises(ConfigError, match=r"instruction_word_dropout must be in \[0, 1\)"):
+        TrainConfig(instruction_word_dropout=1.0)
+
+
 def test_a_pair_is_cropped_with_the_same_box_on_input_and_target():
     from training.train import crop_pair
 

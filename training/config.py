@@ -46,6 +46,8 @@ class TrainConfig:
     task_column: str = "task"  # rows are grouped by it for mixture weights and paraphrases; absent = one task
     task_weights: dict[str, float] = field(default_factory=dict)  # share of samples per task; {} = by row count
     instructions_dir: str = ""  # paraphrase files <task>.txt, one per line; "" = training/instructions
+    instruction_word_dropout: float = 0.0  # each word of a drawn paraphrase is dropped with this probability (one
+    # always stays): the model learns which words name the task, not whole sentences, and hears unseen phrasings
     # --- images
     resolution: int = 256  # training side in px (reference runs: 256); pairs share one resize and crop
     center_crop: bool = False  # False = random crop (same box on input and target), as the reference
@@ -101,6 +103,8 @@ class TrainConfig:
             problems.append(f"resolution must be a positive multiple of 8 (got {self.resolution})")
         if not 0.0 <= self.conditioning_dropout_prob <= 1 / 3:
             problems.append(f"conditioning_dropout_prob must be in [0, 1/3] (got {self.conditioning_dropout_prob})")
+        if not 0.0 <= self.instruction_word_dropout < 1:
+            problems.append(f"instruction_word_dropout must be in [0, 1) (got {self.instruction_word_dropout})")
         if self.min_timestep < 0:
             problems.append(f"min_timestep must be at least 0 (got {self.min_timestep})")
         if self.mixed_precision not in MIXED_PRECISION:

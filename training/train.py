@@ -572,7 +572,8 @@ class PairDataset(torch.utils.data.Dataset):
         """(input, target, instruction) of row `index`; rng None = centre crop, no flip, the row's own text.
 
         With an rng the instruction is a paraphrase drawn per sample: from the row's own choices when the
-        dataset keeps them, else from its task's templates file, else the row's instruction text.
+        dataset keeps them, else from its task's templates file, else the row's instruction text; then each of
+        its words is dropped with probability `instruction_word_dropout`.
         """
         row = self.rows[index]
         original, edited = crop_pair(
@@ -589,7 +590,8 @@ class PairDataset(torch.utils.data.Dataset):
         if self.has_choices and row[self.cfg.instruction_choices_column]:
             templates = list(row[self.cfg.instruction_choices_column])
         if rng is not None and templates:
-            instruction = templates[int(rng.integers(len(templates)))]
+            drawn = templates[int(rng.integers(len(templates)))]
+            instruction = drop_words(drawn, self.cfg.instruction_word_dropout, rng)
         else:
             instruction = str(row[self.cfg.edit_prompt_column])
         return original, edited, instruction
@@ -605,6 +607,17 @@ class PairDataset(torch.utils.data.Dataset):
             "edited": torch.stack([item["edited"] for item in items]),
             "input_ids": tokenize(self.tokenizer, [item["instruction"] for item in items]),
         }
+
+
+def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
+    """`text` with each word dropped with probability `p`, in order; one word always stays."""
+    words = text.split()
+    if p <= 0 or len(words) < 2:
+        return text
+    keep = rng.random(len(words)) >= p
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return " ".join(word for word, kept in zip(words, keep, strict=True) if kept)
 
 
 def crop_pair(
