@@ -339,6 +339,23 @@ def test_a_timestep_floor_outside_the_schedule_is_refused(tiny_checkpoint, datas
         train(tiny_config(tiny_checkpoint, dataset, tmp_path / "run", min_timestep=1000))
 
 
+def test_a_later_timestep_bias_draws_the_latest_portion_that_many_times_as_often():
+    from training.train import draw_timesteps
+
+    uniform = TrainConfig(min_timestep=40)
+    drawn = draw_timesteps(4, 1000, uniform, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, torch.randint(40, 1000, (4,), generator=torch.Generator().manual_seed(3)))
+    biased = TrainConfig(min_timestep=40, timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    drawn = draw_timesteps(40000, 1000, biased, torch.Generator().manual_seed(0))
+    assert drawn.min() >= 40 and drawn.max() <= 999
+    late = (drawn >= 760).float().mean().item()  # the latest 240 of 960: weight 720 of 1440
+    assert late == pytest.approx(0.5, abs=0.01)
+    early = ((drawn >= 40) & (drawn < 280)).float().mean().item()  # as many timesteps, a third as often
+    assert early == pytest.approx(late / 3, abs=0.01)
+    with pytest.raises(ConfigError, match="timestep_bias_multiplier must be above 0"):
+        TrainConfig(timestep_bias_portion=0.0)
+
+
 def test_the_example_config_loads():
     config = load_config(Path(__file__).parents[1] / "training" / "configs" / "example.toml")
     assert config.resolution == 256 and config.task_weights

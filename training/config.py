@@ -71,6 +71,10 @@ class TrainConfig:
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: less optimizer memory on GPU
     min_timestep: int = 0  # timesteps are drawn from [min_timestep, num_train_timesteps): a model that predicts the
     # clean image need not learn to copy nearly clean latents if its sampler never asks (trailing spacing)
+    timestep_bias_multiplier: float = 1.0  # the latest `timestep_bias_portion` of the range is drawn this many
+    # times as often (diffusers' "later" bias); at those the noisy latents tell little, so the model learns to
+    # restore from the input image: the first sampling steps, which the later ones only refine. 1 = uniform
+    timestep_bias_portion: float = 0.25
     loss_weighting: str = "uniform"  # uniform: plain MSE (the reference); input_error: each sample's MSE over its
     # input's own error against the target (the identity edit's), so tasks count by how much of their damage is
     # undone, not by its size: a dark photo's error is ~100x a blurred one's, and would otherwise set the model
@@ -105,6 +109,8 @@ class TrainConfig:
             problems.append(f"conditioning_dropout_prob must be in [0, 1/3] (got {self.conditioning_dropout_prob})")
         if not 0.0 <= self.instruction_word_dropout < 1:
             problems.append(f"instruction_word_dropout must be in [0, 1) (got {self.instruction_word_dropout})")
+        if self.timestep_bias_multiplier <= 0 or not 0 < self.timestep_bias_portion <= 1:
+            problems.append("timestep_bias_multiplier must be above 0 and timestep_bias_portion in (0, 1]")
         if self.min_timestep < 0:
             problems.append(f"min_timestep must be at least 0 (got {self.min_timestep})")
         if self.mixed_precision not in MIXED_PRECISION:

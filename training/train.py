@@ -181,9 +181,8 @@ def train(cfg: TrainConfig) -> list[float]:
             if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
                 null_text = text_encoder(null_ids, return_dict=False)[0]
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-            timesteps = torch.randint(
-                cfg.min_timestep, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
-            ).to(device)
+            timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg, gen)
+            timesteps = timesteps.to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             text, image_latents = conditioning_dropout(
                 text, image_latents, null_text, cfg.conditioning_dropout_prob, gen
@@ -393,6 +392,16 @@ def encode_batch(
     with torch.set_grad_enabled(text_encoder.training):
         text = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
     return latents, image_latents, text
+
+
+def draw_timesteps(count: int, total: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """`count` timesteps from [min_timestep, total): uniform, or with the latest `timestep_bias_portion` of the
+    range drawn `timestep_bias_multiplier` times as often (diffusers' "later" timestep bias)."""
+    if cfg.timestep_bias_multiplier == 1.0:
+        return torch.randint(cfg.min_timestep, total, (count,), generator=gen)
+    weights = torch.ones(total - cfg.min_timestep)
+    weights[len(weights) - max(1, round(cfg.timestep_bias_portion * len(weights))) :] *= cfg.timestep_bias_multiplier
+    return cfg.min_timestep + torch.multinomial(weights, count, replacement=True, generator=gen)
 
 
 def training_target(
