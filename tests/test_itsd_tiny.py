@@ -22,11 +22,15 @@ def test_the_held_out_photos_are_real_sample_photos_and_leave_most_for_training(
 
 
 def test_sample_photos_load_offline_as_rgb_png_files(tmp_path):
-    paths = write_photos(["chelsea", "flower", "grace_hopper"], tmp_path)
-    assert [p.name for p in paths] == ["chelsea.png", "flower.png", "grace_hopper.png"]
+    names = ["chelsea", "flower", "grace_hopper", "camera", "motorcycle"]  # camera: a grey photo
+    paths = write_photos(names, tmp_path)
+    assert [p.name for p in paths] == [f"{name}.png" for name in names]
+    import numpy as np
     from PIL import Image
 
     assert all(Image.open(p).mode == "RGB" for p in paths)
+    grey = np.asarray(Image.open(paths[3]))
+    assert (grey[..., 0] == grey[..., 2]).all() and grey.std() > 10  # the photo in all three channels
     with pytest.raises(KeyError, match="astronaut"):
         write_photos(["lena"], tmp_path)
 

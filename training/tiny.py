@@ -74,6 +74,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # the instruction also reaches every ResNet: attention-pooled into the timestep embedding
             "addition_embed_type": "text",
             "addition_embed_type_num_heads": 4,
+            "resnet_time_scale_shift": "scale_shift",  # FiLM: the embedding scales each ResNet's features too
         },
         "vae": {
             "down_block_types": ("DownEncoderBlock2D",),

@@ -1,7 +1,8 @@
 """Real photos that ship inside pip packages and load offline: the itsd-tiny recipe's only data.
 
-scikit-image's bundled data, scikit-learn's `load_sample_images()` and matplotlib's sample data. Each
-loader returns uint8 HxWx3 RGB; `write_photos` saves the chosen ones as PNG files for `itsd prepare`.
+scikit-image's bundled data (colour and grey), scikit-learn's `load_sample_images()` and matplotlib's sample
+data. Each loader returns uint8 HxWx3 RGB (a grey photo in all three channels); `write_photos` saves the
+chosen ones as PNG files for `itsd prepare`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         import skimage.data
 
-        return getattr(skimage.data, name)()
+        image = getattr(skimage.data, name)()
+        return np.dstack([image] * 3) if image.ndim == 2 else image  # a grey photo as RGB
 
     return load
+
+
+def _motorcycle() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.stereo_motorcycle()[0]  # the left view of the stereo pair
 
 
 def _sklearn(name: str) -> Callable[[], np.ndarray]:
@@ -50,8 +58,14 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
             "hubble_deep_field",
             "immunohistochemistry",
             "retina",
+            # grey photos: more edges and textures to learn restoration from (colour comes from the input)
+            "camera",
+            "brick",
+            "grass",
+            "coins",
         )
     },
+    "motorcycle": _motorcycle,
     "china": _sklearn("china"),
     "flower": _sklearn("flower"),
     "grace_hopper": _grace_hopper,
