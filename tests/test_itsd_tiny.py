@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,6 @@ def test_sample_photos_load_offline_as_rgb_png_files(tmp_path):
     names = ["chelsea", "flower", "grace_hopper", "camera", "motorcycle"]  # camera: a grey photo
     paths = write_photos(names, tmp_path)
     assert [p.name for p in paths] == [f"{name}.png" for name in names]
-    import numpy as np
     from PIL import Image
 
     assert all(Image.open(p).mode == "RGB" for p in paths)

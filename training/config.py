@@ -72,8 +72,8 @@ class TrainConfig:
     min_timestep: int = 0  # timesteps are drawn from [min_timestep, num_train_timesteps): a model that predicts the
     # clean image need not learn to copy nearly clean latents if its sampler never asks (trailing spacing)
     timestep_bias_multiplier: float = 1.0  # the latest `timestep_bias_portion` of the range is drawn this many
-    # times as often (diffusers' "later" bias); at those the noisy latents tell little, so the model learns to
-    # restore from the input image: the first sampling steps, which the later ones only refine. 1 = uniform
+    # times as often (diffusers' "later" bias); at those the noisy latents tell little, so there the model must
+    # restore from the input image, as at the first sampling steps. 1 = uniform (the itsd-tiny card: no help there)
     timestep_bias_portion: float = 0.25
     loss_weighting: str = "uniform"  # uniform: plain MSE (the reference); input_error: each sample's MSE over its
     # input's own error against the target (the identity edit's), so tasks count by how much of their damage is
