@@ -2,7 +2,7 @@
 
     python -m training.recipes.itsd_tiny --out DIR --seed 0
 
-1. photos: ten real photos that ship inside pip packages (training.recipes.photos); HELD_OUT are never
+1. photos: fifteen real photos that ship inside pip packages (training.recipes.photos); HELD_OUT are never
    trained on: they are the test set.
 2. `itsd prepare` twice: the training photos and the held-out ones, each crop degraded (low light, noise,
    rain, blur) or cartoonized by the built-in OpenCV teacher, every paraphrase kept per row; a quarter of the
