@@ -76,6 +76,20 @@ def test_a_degradation_is_reproducible_for_a_seed_and_differs_for_another() -> N
         assert set(params) == set(DEGRADATIONS[name].ranges)
 
 
+def test_a_range_replaces_a_declared_one_and_leaves_the_other_parameters_draws_alone() -> None:
+    clean = np.asarray(Image.fromarray(skdata.chelsea()).resize((256, 256)))
+    ranges = {"motion_blur": {"length": (0.01, 0.03)}}
+    for seed in range(20):
+        _, name, plain = degrade(clean, "deblur", rng_for(seed, "k"))
+        _, again, mild = degrade(clean, "deblur", rng_for(seed, "k"), ranges)
+        assert again == name  # the same degradation is drawn
+        if name == "motion_blur":
+            assert 0.01 <= mild["length"] <= 0.03 and plain["length"] >= 0.02
+            assert mild["angle"] == plain["angle"]  # one draw per parameter, in the declared order
+        else:
+            assert mild == plain
+
+
 def test_an_aligned_crop_cuts_input_and_target_with_the_same_box() -> None:
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)
@@ -188,6 +202,37 @@ def test_untouched_rows_leave_a_share_of_restoration_inputs_clean_so_only_the_in
     )
     code, output = prepare(str(tmp_path / "bad"), "--photos", str(photos), "--untouched", "0.2")
     assert code != 0 and "--untouched goes with --clean" in output
+
+
+def test_a_degradation_range_sets_the_blur_and_a_wrong_one_is_refused_by_name(photos: Path, tmp_path: Path) -> None:
+    common = ["--clean", str(photos), "--task", "deblur", "--test-fraction", "0", "--validation-fraction", "0"]
+    # 64-px crops: the default blur is near its floor (3 px, radius 1 px); this one is four times longer
+    harsh = ["--degradation-range", "motion_blur.length=0.15,0.2", "--degradation-range=defocus_blur.radius=0.06,0.08"]
+    assert prepare(str(tmp_path / "default"), *common, "--samples-per-image", "4")[0] == 0
+    code, output = prepare(str(tmp_path / "harsh"), *common, *harsh, "--samples-per-image", "4")
+    assert code == 0, output
+
+    def input_psnr(name: str) -> float:
+        return float(
+            np.mean([psnr(pixels(r["ground_truth_image"]), pixels(r["input_image"])) for r in rows(tmp_path / name)])
+        )
+
+    assert input_psnr("harsh") < input_psnr("default") - 2.0
+    summary = json.loads((tmp_path / "harsh" / "summary.json").read_text())
+    assert summary["degradation_ranges"] == {
+        "motion_blur": {"length": [0.15, 0.2]},
+        "defocus_blur": {"radius": [0.06, 0.08]},
+    }
+    for wrong, says in (
+        ("motion_blurr.length=0.01,0.02", "no degradation 'motion_blurr'; choose from rain, sensor_noise"),
+        ("motion_blur.size=0.01,0.02", "motion_blur has no parameter 'size'; it has length, angle"),
+        ("motion_blur.length=0.03,0.01", "runs backwards"),
+        ("motion_blur.length=0.01", "write NAME.PARAMETER=LOW,HIGH"),
+    ):
+        code, output = prepare(str(tmp_path / "bad"), *common, "--degradation-range", wrong)
+        assert code != 0 and says in output, (wrong, output)
+    code, output = prepare(str(tmp_path / "bad"), "--photos", str(photos), *harsh)
+    assert code != 0 and "--degradation-range goes with --clean" in output
 
 
 def test_an_untouched_row_is_clean_or_has_another_tasks_damage_never_its_own(tmp_path: Path) -> None:

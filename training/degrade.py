@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 
 Params = dict[str, float]
+# Per degradation, parameter ranges that replace the declared ones (`itsd prepare --degradation-range`).
+Ranges = dict[str, dict[str, tuple[float, float]]]
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,10 @@ class Degradation:
     ranges: dict[str, tuple[float, float]]  # each parameter is drawn uniformly from its range
     apply: Callable[[np.ndarray, Params, np.random.Generator], np.ndarray]  # float [0, 1] in and out
 
-    def sample(self, rng: np.random.Generator) -> Params:
-        return {name: float(rng.uniform(low, high)) for name, (low, high) in self.ranges.items()}
+    def sample(self, rng: np.random.Generator, ranges: dict[str, tuple[float, float]] | None = None) -> Params:
+        """One draw of every parameter, from `ranges` where it names the parameter, else the declared range."""
+        chosen = {**self.ranges, **(ranges or {})}
+        return {name: float(rng.uniform(*chosen[name])) for name in self.ranges}
 
 
 def line_kernel(length: int, angle_deg: float) -> np.ndarray:
@@ -80,12 +84,16 @@ def sensor_noise(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarr
     return _sensor(x, p["photons"], p["read_noise"], rng)
 
 
+# The least blur that still reads as blur (px): a floor for small images and the mildest draws.
+MIN_MOTION_PX, MIN_DEFOCUS_RADIUS_PX = 3, 1.0
+
+
 def motion_blur(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:
-    return _blur(x, line_kernel(max(5, round(p["length"] * _short_side(x))), p["angle"]))
+    return _blur(x, line_kernel(max(MIN_MOTION_PX, round(p["length"] * _short_side(x))), p["angle"]))
 
 
 def defocus_blur(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:
-    return _blur(x, disk_kernel(max(2.0, p["radius"] * _short_side(x))))
+    return _blur(x, disk_kernel(max(MIN_DEFOCUS_RADIUS_PX, p["radius"] * _short_side(x))))
 
 
 def low_light(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:
@@ -131,10 +139,27 @@ TASK_DEGRADATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def degrade(clean: np.ndarray, task: str, rng: np.random.Generator) -> tuple[np.ndarray, str, Params]:
-    """A degraded copy of `clean` (uint8 RGB) for `task`; also which degradation and its parameters."""
+def check_ranges(ranges: Ranges) -> None:
+    """Refuse, by name, a degradation or parameter that does not exist, or a range whose low end is above its high
+    end (ValueError)."""
+    for name, params in ranges.items():
+        if name not in DEGRADATIONS:
+            raise ValueError(f"no degradation {name!r}; choose from {', '.join(DEGRADATIONS)}")
+        for param, (low, high) in params.items():
+            declared = DEGRADATIONS[name].ranges
+            if param not in declared:
+                raise ValueError(f"{name} has no parameter {param!r}; it has {', '.join(declared)}")
+            if low > high:
+                raise ValueError(f"{name}.{param}: the range {low},{high} runs backwards")
+
+
+def degrade(
+    clean: np.ndarray, task: str, rng: np.random.Generator, ranges: Ranges | None = None
+) -> tuple[np.ndarray, str, Params]:
+    """A degraded copy of `clean` (uint8 RGB) for `task`; also which degradation and its parameters. `ranges`
+    replaces declared parameter ranges (the same draws from the generator, so a seed still reproduces it)."""
     names = TASK_DEGRADATIONS[task]
     degradation = DEGRADATIONS[names[int(rng.integers(len(names)))]]
-    params = degradation.sample(rng)
+    params = degradation.sample(rng, (ranges or {}).get(degradation.name))
     out = degradation.apply(clean.astype(np.float32) / 255.0, params, rng)
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8), degradation.name, params

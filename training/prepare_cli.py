@@ -32,7 +32,7 @@ from training.dataset import (
     schema_for,
     split_of,
 )
-from training.degrade import TASK_DEGRADATIONS
+from training.degrade import TASK_DEGRADATIONS, Ranges, check_ranges
 from training.sources import PairSource, PhotoSource, Source, SyntheticSource, produce
 from training.teachers import BUILTIN_TEACHERS, RANGES, CommandTeacher, OnnxTeacher, Teacher, cartoon
 from training.templates import load_templates, pick_template
@@ -61,6 +61,27 @@ def parse_tasks(ctx: click.Context, param: click.Parameter, values: tuple[str, .
         if tasks[name.strip()] <= 0:
             raise click.BadParameter(f"{value!r}: weights must be > 0")
     return tasks
+
+
+def parse_ranges(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Ranges:
+    """`motion_blur.length=0.01,0.03` -> {"motion_blur": {"length": (0.01, 0.03)}}, checked against the
+    degradations' declared parameters."""
+    ranges: Ranges = {}
+    for value in values:
+        key, _, bounds = value.partition("=")
+        name, _, parameter = key.strip().partition(".")
+        try:
+            low, high = (float(bound) for bound in bounds.split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r}: write NAME.PARAMETER=LOW,HIGH, e.g. motion_blur.length=0.01,0.03"
+            ) from None
+        ranges.setdefault(name, {})[parameter] = (low, high)
+    try:
+        check_ranges(ranges)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return ranges
 
 
 def _dir(**kwargs: Any) -> click.Path:
@@ -137,6 +158,15 @@ task_options = bundle(
     ),
     click.option("--templates-dir", type=_dir(), help="Folder of <task>.txt templates replacing the shipped ones."),
     untouched_option(),
+    click.option(
+        "--degradation-range",
+        "ranges",
+        multiple=True,
+        callback=parse_ranges,
+        metavar="NAME.PARAMETER=LOW,HIGH",
+        help="With --clean: draw a degradation's parameter from this range instead of the declared one (repeatable), "
+        "e.g. milder blur: motion_blur.length=0.01,0.03 (sizes are fractions of the crop's short side).",
+    ),
 )
 crop_options = bundle(
     click.option(
@@ -221,6 +251,7 @@ def build_source(
     teacher_command: str | None,
     pair_strip: tuple[str, ...],
     untouched: float = 0.0,
+    ranges: Ranges | None = None,
 ) -> Source:
     if sum(x is not None and x != () for x in (photos, pairs, clean)) != 1:
         raise click.UsageError("give exactly one source: --photos, --pairs or --clean")
@@ -228,6 +259,8 @@ def build_source(
         raise click.UsageError("--teacher-onnx and --teacher-command go with --photos")
     if untouched and not clean:
         raise click.UsageError("--untouched goes with --clean")
+    if ranges and not clean:
+        raise click.UsageError("--degradation-range goes with --clean")
     if clean:
         tasks = tasks or dict.fromkeys(TASK_DEGRADATIONS, 1.0)
         known = [*TASK_DEGRADATIONS, *BUILTIN_TEACHERS]
@@ -236,7 +269,7 @@ def build_source(
             raise click.UsageError(
                 f"no degradation or teacher for task(s) {', '.join(unknown)}; choose from {', '.join(known)}"
             )
-        return SyntheticSource(clean, tasks, BUILTIN_TEACHERS, untouched)
+        return SyntheticSource(clean, tasks, BUILTIN_TEACHERS, untouched, ranges)
     if len(tasks) > 1:
         raise click.UsageError("a mixture of tasks needs --clean; --photos and --pairs take one --task")
     if pairs:
@@ -289,6 +322,7 @@ def run(
     paraphrases: str,
     templates_dir: Path | None,
     untouched: float,
+    ranges: Ranges,
     resolution: int,
     crop_mode: str,
     resize: bool,
@@ -311,7 +345,9 @@ def run(
             raise click.ClickException(f"{out} exists and is not empty (use --overwrite to replace it)")
         if not (out / "summary.json").is_file():  # never delete a folder this command did not write
             raise click.ClickException(f"{out} is not a dataset made by itsd prepare; refusing to replace it")
-    source = build_source(photos, pairs, clean, tasks, teacher_onnx, onnx_range, teacher_command, pair_strip, untouched)
+    source = build_source(
+        photos, pairs, clean, tasks, teacher_onnx, onnx_range, teacher_command, pair_strip, untouched, ranges
+    )
     folder = photos or clean or (pairs[0] if pairs else None)
     if not source.units:
         raise click.ClickException(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -349,6 +385,7 @@ def run(
         "format": fmt,
         "columns": list(writer.features),
         "seed": seed,
+        "degradation_ranges": ranges,
         "rows": writer.rows,
         "tasks": {task: sum(n for (_, t), n in tally.items() if t == task) for task in source.tasks},
         "rows_by_split_and_task": {s: {t: n for (s2, t), n in sorted(tally.items()) if s2 == s} for s in fractions},

@@ -25,7 +25,7 @@ from core.errors import ImageTooLarge, InputNotFound, InvalidImage
 from core.images import read_image_file
 from core.inputs import IMAGE_SUFFIXES
 from training.dataset import Crop, aligned_crop
-from training.degrade import ALSO_DAMAGES, degrade
+from training.degrade import ALSO_DAMAGES, Ranges, degrade
 from training.teachers import Teacher, TeacherFailed
 from training.templates import rng_for
 
@@ -98,9 +98,15 @@ class PairSource:
 
 class SyntheticSource:
     def __init__(
-        self, folder: Path, tasks: dict[str, float], teachers: dict[str, Teacher] | None = None, untouched: float = 0.0
+        self,
+        folder: Path,
+        tasks: dict[str, float],
+        teachers: dict[str, Teacher] | None = None,
+        untouched: float = 0.0,
+        ranges: Ranges | None = None,
     ) -> None:
         self.folder, self.tasks, self.teachers, self.untouched = folder, tasks, teachers or {}, untouched
+        self.ranges = ranges or {}
         self.units = [Unit(key, (path,)) for key, path in find_images(folder).items()]
         total = sum(tasks.values())
         self.names, self.weights = list(tasks), np.array([w / total for w in tasks.values()])
@@ -124,10 +130,10 @@ class SyntheticSource:
                 continue
             if self.untouched and rng.random() < self.untouched:
                 other = self.foreign_damage(task, rng)
-                untouched = degrade(clean, other, rng)[0] if other else clean
+                untouched = degrade(clean, other, rng, self.ranges)[0] if other else clean
                 yield Example(f"{unit.key}#{i}", task, untouched, untouched)
                 continue
-            degraded, _, _ = degrade(clean, task, rng)
+            degraded, _, _ = degrade(clean, task, rng, self.ranges)
             yield Example(f"{unit.key}#{i}", task, degraded, clean)
 
 
