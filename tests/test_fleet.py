@@ -304,6 +304,9 @@ def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as at a terminal: a suite started in the background (`cmd &`) hands its children SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while len(seen := descendants(slow.pid)) < 3:  # redis, worker, pool child

@@ -206,7 +206,7 @@ def test_untouched_rows_leave_a_share_of_restoration_inputs_clean_so_only_the_in
 
 def test_a_degradation_range_sets_the_blur_and_a_wrong_one_is_refused_by_name(photos: Path, tmp_path: Path) -> None:
     common = ["--clean", str(photos), "--task", "deblur", "--test-fraction", "0", "--validation-fraction", "0"]
-    # 64-px crops: the default blur is near its floor (3 px, radius 1 px); this one is four times longer
+    # 64-px crops: the default blur is at its floor (5 px, radius 2 px); this one is twice that and more
     harsh = ["--degradation-range", "motion_blur.length=0.15,0.2", "--degradation-range=defocus_blur.radius=0.06,0.08"]
     assert prepare(str(tmp_path / "default"), *common, "--samples-per-image", "4")[0] == 0
     code, output = prepare(str(tmp_path / "harsh"), *common, *harsh, "--samples-per-image", "4")

@@ -84,8 +84,9 @@ def sensor_noise(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarr
     return _sensor(x, p["photons"], p["read_noise"], rng)
 
 
-# The least blur that still reads as blur (px): a floor for small images and the mildest draws.
-MIN_MOTION_PX, MIN_DEFOCUS_RADIUS_PX = 3, 1.0
+# The least blur that still reads as blur (px), a floor under every range: small images, and milder ranges
+# (`--degradation-range`) at 256 px, meet it first.
+MIN_MOTION_PX, MIN_DEFOCUS_RADIUS_PX = 5, 2.0
 
 
 def motion_blur(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:

@@ -165,7 +165,8 @@ task_options = bundle(
         callback=parse_ranges,
         metavar="NAME.PARAMETER=LOW,HIGH",
         help="With --clean: draw a degradation's parameter from this range instead of the declared one (repeatable), "
-        "e.g. milder blur: motion_blur.length=0.01,0.03 (sizes are fractions of the crop's short side).",
+        "e.g. milder blur: motion_blur.length=0.01,0.03 (sizes are fractions of the crop's short side; blur has a "
+        "floor of 5 px motion and 2 px defocus radius).",
     ),
 )
 crop_options = bundle(
