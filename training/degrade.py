@@ -146,8 +146,8 @@ def check_ranges(ranges: Ranges) -> None:
     for name, params in ranges.items():
         if name not in DEGRADATIONS:
             raise ValueError(f"no degradation {name!r}; choose from {', '.join(DEGRADATIONS)}")
+        declared = DEGRADATIONS[name].ranges
         for param, (low, high) in params.items():
-            declared = DEGRADATIONS[name].ranges
             if param not in declared:
                 raise ValueError(f"{name} has no parameter {param!r}; it has {', '.join(declared)}")
             if low > high:
