@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidModel, SchemaError
+from core.params import check_edit_defaults
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -111,6 +112,7 @@ class Manifest:
     components: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {file, inputs, outputs}
     tensorrt_profiles: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
     parity: Parity | None = None
+    edit_defaults: dict[str, float] = field(default_factory=dict)  # the checkpoint's edit_defaults.json
     schema_version: int = MANIFEST_VERSION
 
     @property
@@ -132,9 +134,14 @@ class Manifest:
         if version != MANIFEST_VERSION:
             raise SchemaError(f"manifest schema version {version!r}; this itsd reads version {MANIFEST_VERSION}")
         parity = data.get("parity")
+        defaults = check_edit_defaults(data.get("edit_defaults", {}), "manifest edit_defaults")
         try:
             return cls(
-                **{**data, "parity": None if parity is None else Parity(**{**parity, "size": tuple(parity["size"])})}
+                **{
+                    **data,
+                    "parity": None if parity is None else Parity(**{**parity, "size": tuple(parity["size"])}),
+                    "edit_defaults": defaults,
+                }
             )
         except TypeError as exc:
             raise SchemaError(f"manifest does not match schema version {MANIFEST_VERSION}: {exc}") from None

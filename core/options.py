@@ -9,30 +9,35 @@ from typing import Any
 import click
 
 from core.errors import InvalidParameters
-from core.params import SCHEDULERS, EditParams
+from core.params import PROJECT_DEFAULTS, SCHEDULERS, EditParams
 
 _DEFAULTS = EditParams()
+
+
+def _model_default(name: str) -> str:
+    return f"[default: the model's (edit_defaults.json), else {PROJECT_DEFAULTS[name]}]"
 
 
 def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add --steps ... --max-side to a command; it receives them as one `params: EditParams`."""
     options = [
         click.option(
-            "--steps", type=click.IntRange(1, 1000), default=_DEFAULTS.steps, show_default=True, help="Denoising steps."
+            "--steps",
+            type=click.IntRange(1, 1000),
+            default=None,
+            help=f"Denoising steps. {_model_default('steps')}",
         ),
         click.option(
             "--guidance-scale",
             type=click.FloatRange(0),
-            default=_DEFAULTS.guidance_scale,
-            show_default=True,
-            help="How strongly to follow the instruction.",
+            default=None,
+            help=f"How strongly to follow the instruction. {_model_default('guidance_scale')}",
         ),
         click.option(
             "--image-guidance-scale",
             type=click.FloatRange(0),
-            default=_DEFAULTS.image_guidance_scale,
-            show_default=True,
-            help="How closely to stay with the input image.",
+            default=None,
+            help=f"How closely to stay with the input image. {_model_default('image_guidance_scale')}",
         ),
         click.option(
             "--seed",
@@ -55,9 +60,9 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(
         *args: Any,
-        steps: int,
-        guidance_scale: float,
-        image_guidance_scale: float,
+        steps: int | None,
+        guidance_scale: float | None,
+        image_guidance_scale: float | None,
         seed: int | None,
         scheduler: str | None,
         max_side: int,

@@ -1,11 +1,20 @@
-"""Edit parameters: one frozen dataclass, validated once, shared by `edit`, `submit` and `run`."""
+"""Edit parameters: one frozen dataclass, validated once, shared by `edit`, `submit` and `run`.
+
+Steps and the two guidance scales may be left unset (None): the model's own defaults then apply, from
+`edit_defaults.json` in its checkpoint (copied into the artifact manifest by export), else the project's
+(`PROJECT_DEFAULTS`). A backend resolves them (`EditParams.resolve`) just before it edits, so a job keeps
+"the model's default", and its id stays that of the model it was submitted for (whose hash covers the file).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidParameters
+from core.errors import InvalidModel, InvalidParameters
 
 # Scheduler names the CLI accepts, mapped to the diffusers class each one ports.
 SCHEDULERS = {
@@ -15,22 +24,28 @@ SCHEDULERS = {
     "dpm-multistep": "DPMSolverMultistepScheduler",
 }
 LATENT_MULTIPLE = 64  # working sizes are multiples of 64: the UNet halves the 1/8 latent three times
+EDIT_DEFAULTS_FILE = "edit_defaults.json"  # in a checkpoint folder: the settings its makers recommend
+PROJECT_DEFAULTS: dict[str, float] = {
+    "steps": 20,  # the blog's validation setting; diffusers' pipeline default of 100 is 5x slower
+    "guidance_scale": 7.0,  # text guidance
+    "image_guidance_scale": 1.5,  # how closely the output follows the input image
+}
 
 
 @dataclass(frozen=True)
 class EditParams:
-    steps: int = 20  # the blog's validation setting; diffusers' pipeline default of 100 is 5x slower
-    guidance_scale: float = 7.0  # text guidance
-    image_guidance_scale: float = 1.5  # how closely the output follows the input image
+    steps: int | None = None  # None: the model's default, else PROJECT_DEFAULTS (as the two scales)
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
     seed: int | None = None  # None: a fresh seed per image, reported in the result
     scheduler: str | None = None  # None: the checkpoint's own scheduler
     max_side: int = 512  # longest side the model sees; the output is resized back to the input size
 
     def __post_init__(self) -> None:
         problems = []
-        if not 1 <= self.steps <= 1000:
+        if self.steps is not None and not 1 <= self.steps <= 1000:
             problems.append(f"steps must be 1..1000, got {self.steps}")
-        if self.guidance_scale < 0 or self.image_guidance_scale < 0:
+        if any(scale is not None and scale < 0 for scale in (self.guidance_scale, self.image_guidance_scale)):
             problems.append("guidance scales must be >= 0")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
@@ -41,9 +56,16 @@ class EditParams:
         if problems:
             raise InvalidParameters("; ".join(problems))
 
+    def resolve(self, model_defaults: Mapping[str, float]) -> EditParams:
+        """These parameters with every unset one taken from the model's defaults, else the project's."""
+        chosen = {**PROJECT_DEFAULTS, **model_defaults}
+        return replace(self, **{name: chosen[name] for name in PROJECT_DEFAULTS if getattr(self, name) is None})
+
     @property
     def guided(self) -> bool:
-        """Whether 3-way classifier-free guidance runs (diffusers: gs > 1 and igs >= 1)."""
+        """Whether 3-way classifier-free guidance runs (diffusers: gs > 1 and igs >= 1); resolved params only."""
+        if self.guidance_scale is None or self.image_guidance_scale is None:
+            raise ValueError("guidance is unresolved: call EditParams.resolve first")
         return self.guidance_scale > 1.0 and self.image_guidance_scale >= 1.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,3 +78,35 @@ class EditParams:
         if unknown:
             raise InvalidParameters(f"unknown edit parameter(s): {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+def check_edit_defaults(data: Any, where: str) -> dict[str, float]:
+    """A model's edit defaults, validated: only steps and the two guidance scales, with valid values."""
+    if not isinstance(data, dict):
+        raise InvalidModel(f"{where}: edit defaults must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(PROJECT_DEFAULTS))
+    if unknown:
+        raise InvalidModel(
+            f"{where}: unknown edit default(s) {', '.join(unknown)}; a model may set {', '.join(PROJECT_DEFAULTS)}"
+        )
+    for name, value in data.items():
+        whole = name == "steps"
+        if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+            raise InvalidModel(f"{where}: {name} must be {'an integer' if whole else 'a number'}, got {value!r}")
+    try:
+        EditParams(**data)
+    except InvalidParameters as exc:
+        raise InvalidModel(f"{where}: {exc}") from None
+    return dict(data)
+
+
+def read_edit_defaults(checkpoint: Path) -> dict[str, float]:
+    """The checkpoint folder's `edit_defaults.json`, validated; {} when it has none."""
+    path = checkpoint / EDIT_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidModel(f"{path}: unreadable: {exc}") from None
+    return check_edit_defaults(data, str(path))

@@ -19,6 +19,7 @@ import torch
 
 from core.errors import ExportFailed, ParityError
 from core.manifest import COMPONENTS, TOKENIZER_DIR, Manifest, checkpoint_hash
+from core.params import read_edit_defaults
 from core.storage import usual_mode
 from export import checkpoint, verify
 from export.components import OPSET, example_inputs, export_component, wrap
@@ -43,6 +44,7 @@ def export_checkpoint(
 ) -> Manifest:
     folder = checkpoint.resolve(source)
     checkpoint.check(folder)
+    edit_defaults = read_edit_defaults(folder)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportFailed(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     staging = _staging_folder(out)
@@ -50,7 +52,7 @@ def export_checkpoint(
         report(f"loading {source}")
         pipe = checkpoint.load_pipeline(folder)
         report("hashing checkpoint")
-        manifest = _manifest(pipe, source, checkpoint_hash(folder), dtype)
+        manifest = _manifest(pipe, source, checkpoint_hash(folder), dtype, edit_defaults)
         for name, spec in COMPONENTS.items():
             report(f"exporting {name} ({manifest.component_dtypes[name]})")
             torch_dtype = DTYPES[manifest.component_dtypes[name]]
@@ -65,7 +67,7 @@ def export_checkpoint(
         manifest.write(staging)
         if verify_parity:
             report("verifying against the diffusers pipeline")
-            manifest = _verify(pipe, staging, manifest)
+            manifest = _verify(TorchEditPipeline(pipe, edit_defaults), staging, manifest)
             manifest.write(staging)
         _publish(staging, out)
     except BaseException:
@@ -95,11 +97,11 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def _verify(pipe, staging: Path, manifest: Manifest) -> Manifest:  # noqa: ANN001 (diffusers pipeline)
+def _verify(reference: TorchEditPipeline, staging: Path, manifest: Manifest) -> Manifest:
     from worker.pipeline import OnnxEditPipeline  # the serving code, exactly as a worker runs it
 
     candidate = OnnxEditPipeline(staging, provider_names=("CPUExecutionProvider",))
-    parity = verify.measure(TorchEditPipeline(pipe), candidate, manifest.dtype)
+    parity = verify.measure(reference, candidate, manifest.dtype)
     if parity.psnr_db < parity.threshold_db:
         raise ParityError(
             f"ONNX export differs from the diffusers pipeline: {parity.psnr_db:.1f} dB PSNR (max diff "
@@ -108,7 +110,7 @@ def _verify(pipe, staging: Path, manifest: Manifest) -> Manifest:  # noqa: ANN00
     return replace(manifest, parity=parity)
 
 
-def _manifest(pipe, source: str, source_hash: str, dtype: str) -> Manifest:  # noqa: ANN001
+def _manifest(pipe, source: str, source_hash: str, dtype: str, edit_defaults: dict[str, float]) -> Manifest:  # noqa: ANN001
     unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
     seq = pipe.tokenizer.model_max_length
     dims = {
@@ -143,6 +145,7 @@ def _manifest(pipe, source: str, source_hash: str, dtype: str) -> Manifest:  # n
         scheduler_class=type(pipe.scheduler).__name__,
         components=components,
         tensorrt_profiles=_trt_profiles(pipe, dims),
+        edit_defaults=edit_defaults,
     )
 
 

@@ -6,25 +6,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.edit import initial_latents
-from core.params import SCHEDULERS, EditParams
+from core.params import SCHEDULERS, EditParams, read_edit_defaults
 from export.checkpoint import load_pipeline, resolve
 
 
 class TorchEditPipeline:
-    def __init__(self, pipe) -> None:  # noqa: ANN001 (a diffusers StableDiffusionInstructPix2PixPipeline)
+    def __init__(self, pipe, edit_defaults: Mapping[str, float]) -> None:  # noqa: ANN001 (diffusers IP2P pipeline)
         self.pipe = pipe
+        self.edit_defaults = edit_defaults
         self.pipe.set_progress_bar_config(disable=True)
         self._default_scheduler = self.pipe.scheduler
 
     @classmethod
     def load(cls, source: str | Path) -> TorchEditPipeline:
-        return cls(load_pipeline(resolve(str(source))))
+        folder = resolve(str(source))
+        return cls(load_pipeline(folder), read_edit_defaults(folder))
 
     def _scheduler(self, name: str | None):  # noqa: ANN202 (a diffusers scheduler)
         if name is None:

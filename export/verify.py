@@ -13,7 +13,8 @@ THRESHOLD_DB = {"fp32": 40.0, "fp16": 25.0}  # under this, an export is refused
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; JSON has no infinity
 PROBE_INSTRUCTION = "turn the sky into a sunset"
 PROBE_SEED = 0
-PROBE_PARAMS = EditParams(steps=4, scheduler="euler", seed=PROBE_SEED)  # Euler: no noise after the first draw
+# 3-way guidance, whatever the model's defaults: the probe covers every path. Euler: no noise after the first draw.
+PROBE_PARAMS = EditParams(steps=4, guidance_scale=7.0, image_guidance_scale=1.5, scheduler="euler", seed=PROBE_SEED)
 
 
 def probe_image(size: int = 128) -> np.ndarray:

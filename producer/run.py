@@ -172,7 +172,7 @@ def run(
                 "instruction": instruction or "(per manifest row)",
                 "model": model,
                 "model_id": manifest.model_id,
-                "params": params.to_dict(),
+                "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
                 "workers": workers,
                 "total": submission.total,
                 "seconds": round(seconds, 2),

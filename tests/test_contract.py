@@ -11,14 +11,47 @@ from core.errors import InputNotFound, InvalidModel, InvalidParameters, Permanen
 from core.inputs import expand, safe_relative
 from core.job import Job, Result, job_id_for
 from core.manifest import COMPONENTS, Manifest
-from core.params import EditParams
+from core.params import EDIT_DEFAULTS_FILE, EditParams, check_edit_defaults, read_edit_defaults
 from core.settings import Settings
 
 
 def test_defaults_are_the_blogs_inference_settings():
-    params = EditParams()
+    params = EditParams().resolve({})
     assert (params.steps, params.guidance_scale, params.image_guidance_scale, params.max_side) == (20, 7.0, 1.5, 512)
     assert params.guided
+
+
+def test_unset_settings_come_from_the_model_and_set_ones_win():
+    model = {"guidance_scale": 1.0, "image_guidance_scale": 1.2}
+    assert EditParams(seed=4).resolve(model) == EditParams(20, 1.0, 1.2, seed=4)
+    assert EditParams(steps=3, guidance_scale=5.0).resolve(model) == EditParams(3, 5.0, 1.2)
+    with pytest.raises(ValueError, match="resolve"):
+        _ = EditParams().guided  # a backend must never guess
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"guidance_scale": 1.0, "strength": 0.5}, "unknown edit default.*strength"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"steps": True}, "steps must be an integer"),
+        ({"guidance_scale": "7"}, "guidance_scale must be a number"),
+        ({"steps": 0}, "steps must be 1..1000"),
+        ([1.0], "must be a JSON object"),
+    ],
+)
+def test_a_models_bad_edit_defaults_are_refused_by_name(data, reason):
+    with pytest.raises(InvalidModel, match=reason):
+        check_edit_defaults(data, "ckpt/edit_defaults.json")
+
+
+def test_edit_defaults_file_is_optional_and_checked(tmp_path):
+    assert read_edit_defaults(tmp_path) == {}
+    (tmp_path / EDIT_DEFAULTS_FILE).write_text('{"steps": 4, "image_guidance_scale": 1}')
+    assert read_edit_defaults(tmp_path) == {"steps": 4, "image_guidance_scale": 1}
+    (tmp_path / EDIT_DEFAULTS_FILE).write_text("{steps: 4")
+    with pytest.raises(InvalidModel, match="unreadable"):
+        read_edit_defaults(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -30,8 +63,8 @@ def test_bad_parameters_are_refused_with_a_reason(kwargs):
 
 
 def test_guidance_is_off_exactly_when_diffusers_turns_it_off():
-    assert not EditParams(guidance_scale=1.0).guided
-    assert not EditParams(image_guidance_scale=0.9).guided
+    assert not EditParams(guidance_scale=1.0).resolve({}).guided
+    assert not EditParams(image_guidance_scale=0.9).resolve({}).guided
     assert EditParams(guidance_scale=1.01, image_guidance_scale=1.0).guided
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -9,7 +12,8 @@ from PIL import Image
 
 from core.edit import edit_image
 from core.images import psnr
-from core.params import EditParams
+from core.manifest import MANIFEST_NAME
+from core.params import EDIT_DEFAULTS_FILE, EditParams
 from producer.cli import itsd
 from tests.conftest import photo
 from worker.pipeline import OnnxEditPipeline
@@ -165,3 +169,27 @@ def test_skip_existing_resumes_without_recomputing_finished_images(tiny_artifact
     again = run_edit(photos, "--model", tiny_artifacts, "--out", tmp_path, "-i", "x", "--steps", "1", "--skip-existing")
     assert again.exit_code == 0 and "edited 1/1" in again.output and "1 already done" in again.output
     assert (tmp_path / "a.png").stat().st_mtime_ns == stamp and (tmp_path / "trip" / "b.jpg").is_file()
+
+
+def test_unset_steps_and_guidance_are_the_models_own_on_each_backend(tiny_checkpoint, tiny_artifacts, photos, tmp_path):
+    defaults = {"steps": 3, "guidance_scale": 1.0, "image_guidance_scale": 1.0}
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "onnx-model")
+    manifest = json.loads((artifacts / MANIFEST_NAME).read_text())
+    (artifacts / MANIFEST_NAME).write_text(json.dumps({**manifest, "edit_defaults": defaults}))
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "torch-model")
+    (checkpoint / EDIT_DEFAULTS_FILE).write_text(json.dumps(defaults))
+    explicit = ["--steps", "3", "--guidance-scale", "1", "--image-guidance-scale", "1"]
+    runs = {
+        "model": (artifacts, []),
+        "explicit": (tiny_artifacts, explicit),
+        "project": (tiny_artifacts, []),
+        "torch": (checkpoint, ["--backend", "torch"]),
+    }
+    for name, (model, extra) in runs.items():
+        common = ["-i", "Derain", "--seed", "7", "--scheduler", "euler"]  # deterministic: backends agree
+        result = run_edit(photos / "a.png", "-m", model, "-o", tmp_path / name, *common, *extra)
+        assert result.exit_code == 0, result.output
+    images = {name: np.asarray(Image.open(tmp_path / name / "a.png")) for name in runs}
+    assert np.array_equal(images["model"], images["explicit"])
+    assert psnr(images["torch"], images["model"]) >= 40.0
+    assert not np.array_equal(images["model"], images["project"])  # 20 steps at 7.0 / 1.5

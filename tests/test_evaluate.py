@@ -127,6 +127,8 @@ def test_evaluate_reports_both_models_and_the_identity_baseline_per_task(report:
     assert set(metrics["models"]) == {"onnx", "torch"}
     assert metrics["models"]["onnx"]["backend"] == "onnx" and metrics["models"]["torch"]["backend"] == "torch"
     assert metrics["params"]["seed"] == 3 and metrics["params"]["scheduler"] == "euler"
+    ran = {"steps": 2, "guidance_scale": 7.0, "image_guidance_scale": 1.5}  # unset scales: the project's defaults
+    assert all(params.items() >= ran.items() for params in metrics["params_by_model"].values())
     assert metrics["clip"].startswith("skipped:")
     assert set(metrics["tasks"]) == {"derain", "denoise"}
     for summary in metrics["tasks"].values():

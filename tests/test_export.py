@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from core.errors import InvalidModel
 from core.manifest import COMPONENTS, Manifest
+from core.params import EDIT_DEFAULTS_FILE
 from core.storage import usual_mode
 from producer.cli import itsd
 
@@ -141,3 +142,18 @@ def test_a_hub_id_offline_is_one_clear_error_and_never_a_download(tmp_path):
     result = run_export("someorg/some-model", tmp_path / "out")
     assert result.exit_code == 1 and "Hub is unreachable or offline" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoints_edit_defaults_travel_in_the_manifest_and_its_identity(tiny_checkpoint, tiny_artifacts, tmp_path):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / EDIT_DEFAULTS_FILE).write_text('{"guidance_scale": 1.0, "image_guidance_scale": 1.0}')
+    result = run_export(checkpoint, tmp_path / "onnx", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.read(tmp_path / "onnx")
+    assert manifest.edit_defaults == {"guidance_scale": 1.0, "image_guidance_scale": 1.0}
+    assert manifest.parity is not None and manifest.parity.psnr_db >= 40.0  # the probe still guides 3-way
+    assert manifest.model_id != Manifest.read(tiny_artifacts).model_id  # other defaults, another model
+    (checkpoint / EDIT_DEFAULTS_FILE).write_text('{"guidance": 1.0}')
+    result = run_export(checkpoint, tmp_path / "bad", "--quiet")
+    assert result.exit_code == 1 and "unknown edit default(s) guidance" in result.output
+    assert not (tmp_path / "bad").exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.params import read_edit_defaults
 from training.recipes.itsd_tiny import HELD_OUT, TASKS
 from training.recipes.itsd_tiny_check import BAR_DB, UNSEEN, unseen_words
 from training.recipes.photos import PHOTOS, write_photos
@@ -65,6 +66,8 @@ def test_the_committed_model_is_a_safetensors_ip2p_checkpoint_under_30_mb():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(MODEL)
     assert pipe.unet.config.in_channels == 8
+    defaults = read_edit_defaults(MODEL)  # unguided, as the recipe's config writes it: guidance pulls it apart
+    assert (defaults["guidance_scale"], defaults["image_guidance_scale"]) == (1.0, 1.0)
     assert pipe.tokenizer("").input_ids == [49406, 49407]  # the real CLIP tokenizer: start and end tokens
     with torch.no_grad():
         assert torch.isfinite(pipe.text_encoder(torch.tensor([[49406, 49407]]))[0]).all()

@@ -4,6 +4,7 @@ tiny model and a tiny dataset (input = a gradient image, target = its inverse or
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image, ImageFilter
 
+from core.params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from training.config import ConfigError, TrainConfig, load_config
 
 INVERT_PARAPHRASES = ["Invert the colors", "Make a negative of this image", "Swap every color for its opposite"]
@@ -465,6 +467,28 @@ def test_a_frozen_text_encoder_is_copied_unchanged_into_final(tiny_checkpoint, d
     weights = "text_encoder/model.safetensors"
     base, final = load_file(tiny_checkpoint / weights), load_file(tmp_path / "run" / "final" / weights)
     assert all(torch.equal(base[k], final[k]) for k in base)
+    assert not (tmp_path / "run" / "final" / EDIT_DEFAULTS_FILE).exists()  # none set, none in the base
+
+
+def test_final_carries_the_configs_edit_defaults_else_the_bases(tiny_checkpoint, dataset, tmp_path):
+    from training.train import train
+
+    defaults = {"steps": 4.0, "guidance_scale": 1.0, "image_guidance_scale": 1.0}  # TOML tables load as floats
+    train(tiny_config(tiny_checkpoint, dataset, tmp_path / "set", max_train_steps=1, edit_defaults=defaults))
+    final = tmp_path / "set" / "final"
+    assert json.loads((final / EDIT_DEFAULTS_FILE).read_text()) == {**defaults, "steps": 4}
+    assert read_edit_defaults(final)["steps"] == 4  # a whole number, as checkpoints write it
+    train(tiny_config(final, dataset, tmp_path / "again", max_train_steps=1))
+    assert read_edit_defaults(tmp_path / "again" / "final") == {**defaults, "steps": 4}  # fine-tuned, kept
+
+
+@pytest.mark.parametrize(
+    ("defaults", "reason"),
+    [({"steps": 2.5}, "steps must be an integer"), ({"strength": 0.5}, "unknown edit default.*strength")],
+)
+def test_bad_edit_defaults_are_refused_before_training(defaults, reason):
+    with pytest.raises(ConfigError, match=reason):
+        TrainConfig(edit_defaults=defaults)
 
 
 def test_patches_can_be_cut_at_native_scale_instead_of_resizing_the_row():

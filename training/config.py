@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import PermanentError
+from core.errors import InvalidModel, PermanentError
+from core.params import check_edit_defaults
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -100,6 +101,15 @@ class TrainConfig:
     validation_inference_steps: int = 20  # as diffusers' training script
     validation_guidance_scale: float = 7.0
     validation_image_guidance_scale: float = 1.5
+    # Written to final/edit_defaults.json: the steps and guidance scales the model is meant to be run with, used
+    # wherever a user sets none (core.params). {} = the base checkpoint's, if it has any.
+    edit_defaults: dict[str, float] = field(default_factory=dict)
+
+    def final_edit_defaults(self) -> dict[str, float]:
+        """`edit_defaults` as the checkpoint's JSON: steps a whole number (TOML tables here hold floats)."""
+        steps = self.edit_defaults.get("steps")
+        whole = steps is not None and float(steps).is_integer()
+        return {**self.edit_defaults, **({"steps": int(steps)} if whole else {})}
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,6 +140,10 @@ class TrainConfig:
                 problems.append(f"{name} must be at least 1")
         if any(weight < 0 for weight in self.task_weights.values()):
             problems.append("task_weights must not be negative")
+        try:
+            check_edit_defaults(self.final_edit_defaults(), "edit_defaults")
+        except InvalidModel as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
 

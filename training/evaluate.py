@@ -124,7 +124,8 @@ def evaluate(
     progress.close()
     report = {
         "models": list(models),
-        "params": params.to_dict(),
+        "params": params.to_dict(),  # as asked; unset steps and scales are each model's defaults:
+        "params_by_model": {name: params.resolve(backend.edit_defaults).to_dict() for name, backend in models.items()},
         "tasks": {task: summarize(task, record.rows, list(models)) for task, record in tasks.items()},
         "per_row": [{"task": task, **r} for task, record in tasks.items() for r in record.rows],
     }

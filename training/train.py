@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from core.errors import InvalidModel
+from core.params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from training.config import ConfigError, TrainConfig, to_toml
 from training.dataset import Crop, aligned_crop, as_pil
 from training.templates import load_templates
@@ -65,6 +66,7 @@ def train(cfg: TrainConfig) -> list[float]:
     # ---- models: frozen parts in the compute dtype; the trained ones (UNet, maybe text encoder) stay fp32
 
     models = load_models(Path(cfg.pretrained))
+    edit_defaults = cfg.final_edit_defaults() or read_edit_defaults(Path(cfg.pretrained))  # bad ones fail now
     tokenizer, text_encoder, vae, unet, noise_scheduler = (
         models.tokenizer,
         models.text_encoder,
@@ -235,7 +237,8 @@ def train(cfg: TrainConfig) -> list[float]:
         finals = [accelerator.unwrap_model(model) for model in trained]
         if ema is not None:
             ema.copy_to(parameters_of(finals))
-        save_final(finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:])
+        final = save_final(finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:])
+        write_edit_defaults(final, edit_defaults)
         if writer is not None:
             writer.close()
         log.info("saved %s", output_dir / "final")
@@ -733,6 +736,12 @@ def save_final(unet: torch.nn.Module, pretrained: Path, out: Path, text_encoder:
     pipe = build_pipeline(unet, fresh.vae, text_encoder or fresh.text_encoder, fresh)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def write_edit_defaults(checkpoint: Path, defaults: dict[str, float]) -> None:
+    """The checkpoint's recommended steps and guidance scales (core.params), when there are any."""
+    if defaults:
+        (checkpoint / EDIT_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 def validation_rows(pairs: PairDataset, count: int) -> list[tuple[Image.Image, Image.Image, str]]:

@@ -37,6 +37,7 @@ class OnnxEditPipeline:
     def __init__(self, folder: Path, provider_names: tuple[str, ...] | None = None, device_id: int = 0) -> None:
         self.folder = folder
         self.manifest = m = Manifest.read(folder)
+        self.edit_defaults = m.edit_defaults
         settings = Settings.from_env()
         self.scheduler_config = json.loads((folder / SCHEDULER_FILE).read_text())
         self.tokenizer = ClipTokenizer(folder / TOKENIZER_DIR / "tokenizer.json", m.max_text_length, m.pad_token_id)

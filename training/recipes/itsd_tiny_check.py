@@ -78,10 +78,10 @@ def run_evaluate(args: list[str]) -> None:
 
 
 def edit_args(params: EditParams) -> list[str]:
-    args = ["--steps", str(params.steps), "--guidance-scale", str(params.guidance_scale)]
-    args += ["--image-guidance-scale", str(params.image_guidance_scale), "--max-side", str(params.max_side)]
-    args += ["--seed", str(params.seed if params.seed is not None else 0)]
-    return args + (["--scheduler", params.scheduler] if params.scheduler else [])
+    """The options that give `itsd evaluate` these parameters (unset ones stay the model's defaults; seed 0)."""
+    given = {**params.to_dict(), "seed": params.seed if params.seed is not None else 0}
+    given = {f"--{name.replace('_', '-')}": value for name, value in given.items() if value is not None}
+    return [arg for option, value in given.items() for arg in (option, str(value))]
 
 
 def check_task(common: list[str], out: Path, task: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
