@@ -39,6 +39,8 @@ from producer.submit import wait_for
 class FixedCost:
     """A model that takes exactly `seconds` and returns its input."""
 
+    edit_defaults: dict[str, float] = {}  # noqa: RUF012 (read only)
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 

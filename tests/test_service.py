@@ -27,6 +27,8 @@ from worker.service import EditService, ModelSpec
 class Invert:
     """A stand-in model: inverts the image, optionally slowly or failing with a transient error."""
 
+    edit_defaults: dict[str, float] = {}  # noqa: RUF012 (read only)
+
     def __init__(self, delay: float = 0.0, failures: int = 0) -> None:
         self.delay, self.failures, self.calls = delay, failures, 0
 
