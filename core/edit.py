@@ -32,7 +32,6 @@ class Backend(Protocol):
 class Edit:
     image: Image.Image
     seed: int
-    params: EditParams  # as run: the model's defaults filled in
     working_size: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -52,4 +51,4 @@ def edit_image(backend: Backend, image: Image.Image, instruction: str, params: E
     size = working_size(*image.size, params.max_side)
     seed = resolve_seed(params)
     pixels = backend.generate(to_model_input(image, size), instruction, params, seed)
-    return Edit(restore_size(pixels, image.size), seed, params, size)
+    return Edit(restore_size(pixels, image.size), seed, size)
