@@ -44,7 +44,7 @@ def test_every_task_has_an_unseen_phrasing_that_is_no_training_line_and_a_bar():
 
 
 def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_predicting_the_clean_image(tmp_path):
-    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from diffusers import DDPMScheduler, StableDiffusionInstructPix2PixPipeline
 
     from training.tiny import build_tiny_checkpoint
 
@@ -54,6 +54,11 @@ def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_predicting
     assert pipe.unet.config.in_channels == 8 and pipe.vae_scale_factor == 1
     assert pipe.scheduler.config.prediction_type == "sample"
     assert pipe.scheduler.config.timestep_spacing == "trailing"  # never below t = 49 at 20 steps: min_timestep 40
+    # Zero terminal SNR: training's t = 999 is pure noise, as a 1-step edit's start is; SD's schedule keeps 7% of
+    # the target there, which the UNet reads (the mean colour) and sampling cannot give it.
+    clean, noise = torch.ones(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(clean, noise, torch.tensor([999]))
+    torch.testing.assert_close(noisy, noise)
     assert sum(p.stat().st_size for p in (tmp_path / "base").rglob("*") if p.is_file()) < MAX_BYTES
 
 

@@ -86,10 +86,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 256,
         },
         "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
-        # SD's noise schedule; the UNet predicts the clean latents (training.copy_path starts it as the identity
-        # edit) and is trained on t >= 40 only (itsd_tiny.toml), which trailing spacing never goes below at 20
-        # steps. A zero-terminal-SNR run scored higher but learned to ignore the instruction; the model card has it.
-        "scheduler": {"prediction_type": "sample", "timestep_spacing": "trailing"},
+        # SD's betas rescaled to zero terminal SNR: t = 999 is pure noise in training, as it is at sampling's start
+        # (SD's schedule keeps 7% of the target there, and the UNet learnt to read the mean colour from it). The
+        # UNet predicts the clean latents (training.copy_path starts it as the identity edit) and is trained on
+        # t >= 40 only (itsd_tiny.toml), which trailing spacing never goes below at 20 steps.
+        "scheduler": {"prediction_type": "sample", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
         "sampler": {"class": "EulerDiscreteScheduler"},  # deterministic: a restoration is not a lottery
     },
     "sd15": {
