@@ -79,7 +79,7 @@ def main():
     onnx = OnnxEditPipeline(artifacts, provider_names=("CPUExecutionProvider",))
     onnx_s = timed(onnx, image, params, args.images)
     onnx.timings.clear()  # the split comes from one more image, measured on its own, as a batch's first:
-    onnx._encode_text.cache_clear()  # its text encoding included (later images reuse the cached embedding)
+    onnx.encode_text.cache_clear()  # its text encoding included (later images reuse the cached embedding)
     start = time.perf_counter()
     edit_image(onnx, image, "Cartoonize the image", EditParams(**{**params.to_dict(), "seed": 0}))
     total = time.perf_counter() - start

@@ -102,5 +102,9 @@ def test_the_check_scores_own_and_unseen_phrasings_per_task_and_draws_the_figure
         assert r["gain_db"] == confusion[r["task"]][r["task"]]
         assert r["margin_db"] == r["gain_db"] - confusion[r["task"]][r["runner_up"]] and r["runner_up"] != r["task"]
         assert r["margin_db"] > 0 or not r["passed"]
-    assert "| rows | low_light | denoise" in (tmp_path / "check" / "check.md").read_text()
+    cosines = report["unseen_phrasing_cosine"]  # where the text encoder puts each unseen phrasing
+    assert {task: list(row) for task, row in cosines.items()} == {task: list(UNSEEN) for task in UNSEEN}
+    assert all(-1.0 <= c <= 1.0 for row in cosines.values() for c in row.values())
+    markdown = (tmp_path / "check" / "check.md").read_text()
+    assert "| rows | low_light | denoise" in markdown and "| phrasing | low_light | denoise" in markdown
     assert (tmp_path / "check" / "itsd-tiny.jpg").is_file()

@@ -56,7 +56,7 @@ class OnnxEditPipeline:
             if names != [t.name for t in spec.inputs]:
                 raise InvalidModel(f"{folder / spec.filename}: inputs {names} do not match the manifest's {spec.name}")
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
-        self._encode_text = lru_cache(maxsize=64)(self._encode_text_uncached)
+        self.encode_text = lru_cache(maxsize=64)(self._encode_text_uncached)  # token states, (1, length, width)
 
     @classmethod
     def load(cls, model: str) -> OnnxEditPipeline:
@@ -79,9 +79,9 @@ class OnnxEditPipeline:
         start = time.perf_counter()
         model_time = sum(self.timings.values())
         image_latents = self._run("vae_encoder", sample=pixels.astype(self.dtypes["vae_encoder"])).astype(np.float32)
-        text = self._encode_text(instruction)  # a batch shares its instruction: encoded once per process
+        text = self.encode_text(instruction)  # a batch shares its instruction: encoded once per process
         if params.guided:
-            empty = self._encode_text("")
+            empty = self.encode_text("")
             embeddings = np.concatenate([text, empty, empty])
             image_latents = np.concatenate([image_latents, image_latents, np.zeros_like(image_latents)])
         else:

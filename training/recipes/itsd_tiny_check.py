@@ -8,7 +8,9 @@ UNSEEN phrasing (`--instruction TEXT`), and prints two tables. The bar: PSNR gai
 cartoonization: over the input's distance to the teacher's output), with the rows' own instructions and with the
 task's unseen phrasing; and the unseen phrasing picks the task: on the task's rows it scores higher than any other
 task's unseen phrasing (a model that ignores the instruction ties, and misses). The confusion table has every
-task's rows against every unseen phrasing. Exit status 1 if a row misses the bar.
+task's rows against every unseen phrasing. A third table says where the text encoder puts each unseen phrasing:
+its cosine to each task's training paraphrases (the mean over token states, which is what a from-scratch text
+encoder gets wrong when an unseen phrasing picks another task). Exit status 1 if a row misses the bar.
 Also writes DIR/itsd-tiny.jpg: the first held-out row of each task, input | output | target.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from PIL import Image, ImageDraw
 
 from core.options import edit_options
@@ -71,6 +74,24 @@ def figure(out: Path, tasks: list[str]) -> Path:
     return out / "itsd-tiny.jpg"
 
 
+def placement(artifacts: Path) -> dict[str, dict[str, float]]:
+    """Unseen phrasing of each task -> task -> cosine between its text-encoder state and the task's training
+    paraphrases' (each the mean over token positions; the paraphrases' states averaged)."""
+    from worker.pipeline import OnnxEditPipeline
+
+    pipe = OnnxEditPipeline(artifacts, ("CPUExecutionProvider",))
+
+    def state(texts: list[str]) -> np.ndarray:
+        means = np.stack([pipe.encode_text(text)[0].astype(np.float64).mean(0) for text in texts])
+        return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+    centres = {task: state(load_templates(task)).mean(0) for task in UNSEEN}
+    phrasings = dict(zip(UNSEEN, state(list(UNSEEN.values())), strict=True))
+    return {
+        task: {other: float(v @ c / np.linalg.norm(c)) for other, c in centres.items()} for task, v in phrasings.items()
+    }
+
+
 def run_evaluate(args: list[str]) -> None:
     from training.evaluate_cli import evaluate
 
@@ -107,8 +128,18 @@ def check_task(common: list[str], out: Path, task: str) -> tuple[list[dict[str, 
     return results, confusion
 
 
-def tables(results: list[dict[str, Any]], confusion: dict[str, dict[str, float]]) -> str:
-    """The bar table and the confusion table, in Markdown."""
+def matrix(corner: str, rows: dict[str, dict[str, float]], fmt: str) -> list[str]:
+    """A Markdown table of task -> task -> figure, tasks across in UNSEEN's order."""
+    lines = [f"| {corner} | " + " | ".join(UNSEEN) + " |", "|---" * (len(UNSEEN) + 1) + "|"]
+    return lines + [
+        f"| {task} | " + " | ".join(format(row[o], fmt) for o in UNSEEN) + " |" for task, row in rows.items()
+    ]
+
+
+def tables(
+    results: list[dict[str, Any]], confusion: dict[str, dict[str, float]], cosines: dict[str, dict[str, float]]
+) -> str:
+    """The bar table, the confusion table and the text encoder's placement of the unseen phrasings, in Markdown."""
     lines = ["| task | instruction | rows | PSNR | gain dB | bar | picks the task | pass |", "|---" * 8 + "|"]
     for r in results:
         bar = f"> {r['bar_db']:.0f}" if r["bar_db"] == 0 else f">= {r['bar_db']:.0f}"
@@ -118,8 +149,9 @@ def tables(results: list[dict[str, Any]], confusion: dict[str, dict[str, float]]
             f"{picks} | {'yes' if r['passed'] else 'NO'} |"
         )
     lines += ["", "Gain (dB) of each task's rows (down) with each task's unseen phrasing (across):", ""]
-    lines += ["| rows | " + " | ".join(UNSEEN) + " |", "|---" * (len(UNSEEN) + 1) + "|"]
-    lines += [f"| {task} | " + " | ".join(f"{confusion[task][o]:+.2f}" for o in UNSEEN) + " |" for task in confusion]
+    lines += matrix("rows", confusion, "+.2f")
+    lines += ["", "Text encoder (mean token state): cosine of each unseen phrasing to each task's paraphrases:", ""]
+    lines += matrix("phrasing", cosines, ".2f")
     return "\n".join(lines) + "\n"
 
 
@@ -139,9 +171,11 @@ def main(dataset: Path, artifacts: Path, out: Path, rows_per_task: int | None, p
         task_results, confusion[task] = check_task(common, out, task)
         results += task_results
     figure(out, list(UNSEEN))
+    cosines = placement(artifacts)
     report = {"params": params.to_dict(), "results": results, "confusion_gain_db": confusion}
+    report["unseen_phrasing_cosine"] = cosines
     (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = tables(results, confusion)
+    markdown = tables(results, confusion, cosines)
     (out / "check.md").write_text(markdown)
     click.echo(markdown)
     if not all(r["passed"] for r in results):
