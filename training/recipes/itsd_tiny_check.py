@@ -4,13 +4,13 @@ training paraphrase used.
     python -m training.recipes.itsd_tiny_check DATA-TEST ARTIFACTS --out DIR [edit options]
 
 Runs `itsd evaluate` on each task's rows (`--task T`) with the rows' own instructions and with every task's
-UNSEEN phrasing (`--instruction TEXT`), and prints two tables. The bar: PSNR gain over the degraded input (for
+UNSEEN phrasing (`--instruction TEXT`), and prints three tables. The bar: PSNR gain over the degraded input (for
 cartoonization: over the input's distance to the teacher's output), with the rows' own instructions and with the
 task's unseen phrasing; and the unseen phrasing picks the task: on the task's rows it scores higher than any other
 task's unseen phrasing (a model that ignores the instruction ties, and misses). The confusion table has every
 task's rows against every unseen phrasing. A third table says where the text encoder puts each unseen phrasing:
-its cosine to each task's training paraphrases (the mean over token states, which is what a from-scratch text
-encoder gets wrong when an unseen phrasing picks another task). Exit status 1 if a row misses the bar.
+its cosine to each task's training paraphrases (mean token states); a phrasing that picks another task usually
+sits nearer that task's paraphrases. Exit status 1 if a row misses the bar.
 Also writes DIR/itsd-tiny.jpg: the first held-out row of each task, input | output | target.
 """
 
