@@ -246,6 +246,36 @@ def test_word_dropout_keeps_a_random_ordered_subset_of_the_words_and_never_empti
         TrainConfig(instruction_word_dropout=1.0)
 
 
+def test_inserted_words_are_unheard_vocabulary_words_between_the_kept_ones(dataset, templates, tiny_checkpoint):
+    from transformers import CLIPTokenizer
+
+    from training.train import PairDataset, insert_words, load_rows, unheard_words
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_checkpoint, subfolder="tokenizer")
+    unheard = unheard_words(tokenizer, INVERT_PARAPHRASES)
+    assert len(unheard) > 10_000 and {"rain", "cartoon", "storm"} <= set(unheard)
+    assert not {"invert", "colors", "negative", "opposite", "the", "a"} & set(unheard)
+    assert all(word.isalpha() and word.isascii() and len(word) >= 3 for word in unheard)
+
+    rng = np.random.default_rng(0)
+    text = "Swap every color for its opposite"
+    draws = [insert_words(text, 3, unheard, rng) for _ in range(200)]
+    assert {len(d.split()) - len(text.split()) for d in draws} == {0, 1, 2, 3}
+    for draw in draws:  # the text's words, in their order, with unheard ones between them
+        rest = [word for word in draw.split() if word not in text.split()]
+        assert [word for word in draw.split() if word in text.split()] == text.split() and set(rest) <= set(unheard)
+    assert insert_words(text, 0, unheard, rng) == text
+
+    cfg = TrainConfig(resolution=32, instructions_dir=str(templates), instruction_word_insertion=2)
+    rows, _ = load_rows(TrainConfig(dataset=str(dataset), instructions_dir=str(templates)))
+    pairs = PairDataset(rows, cfg, tokenizer)
+    assert "invert" not in pairs.unheard and "blur" in pairs.unheard  # blur has no templates file: heard of none
+    drawn = {pairs.pair(0, rng)[2] for _ in range(40)}
+    assert drawn - set(INVERT_PARAPHRASES) and set(INVERT_PARAPHRASES) & drawn
+    with pytest.raises(ConfigError, match="instruction_word_insertion must be at least 0"):
+        TrainConfig(instruction_word_insertion=-1)
+
+
 def test_a_pair_is_cropped_with_the_same_box_on_input_and_target():
     from training.train import crop_pair
 
@@ -456,6 +486,60 @@ def test_training_the_text_encoder_saves_it_in_final_and_resumes_exactly(tiny_ch
     again = load_file(tmp_path / "resumed" / "final" / weights)
     assert any(not torch.equal(base[k], final[k]) for k in base)  # trained, not copied from the base
     assert all(torch.allclose(final[k], again[k], atol=1e-6) for k in final)  # its EMA resumed too
+
+
+def test_the_text_task_loss_keeps_the_tasks_apart_resumes_exactly_and_leaves_no_head_in_final(
+    tiny_checkpoint, dataset, tmp_path
+):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from training.train import tokenize, train
+
+    changes = dict(max_train_steps=30, checkpointing_steps=20, train_text_encoder=True, use_ema=False)
+    plain = train(tiny_config(tiny_checkpoint, dataset, tmp_path / "plain", **changes))
+    whole = train(tiny_config(tiny_checkpoint, dataset, tmp_path / "whole", **changes, text_task_loss_weight=10.0))
+    resumed = train(
+        tiny_config(
+            tiny_checkpoint,
+            dataset,
+            tmp_path / "resumed",
+            **changes,
+            text_task_loss_weight=10.0,
+            resume=str(tmp_path / "whole" / "checkpoint-20"),
+        )
+    )
+    np.testing.assert_allclose(resumed, whole[20:], rtol=0, atol=1e-6)  # the head was checkpointed too
+    assert not np.allclose(plain, whole)  # the task loss moved the encoder, so the diffusion losses differ
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_checkpoint, subfolder="tokenizer")
+
+    def cosine(run: Path) -> float:  # between the two tasks' instructions' mean token states
+        encoder = CLIPTextModel.from_pretrained(run, subfolder="text_encoder")  # loads: no head in it
+        with torch.no_grad():
+            states = encoder(tokenize(tokenizer, ["invert the colors", "blur the image"]))[0].mean(1)
+        return float(torch.nn.functional.cosine_similarity(states[0], states[1], dim=0))
+
+    assert cosine(tmp_path / "whole" / "final") < cosine(tmp_path / "plain" / "final") - 0.2
+    assert sorted(p.name for p in (tmp_path / "whole" / "final").iterdir()) == sorted(
+        p.name for p in (tmp_path / "plain" / "final").iterdir()
+    )
+
+
+def test_the_text_task_loss_needs_a_trained_text_encoder_and_two_tasks(tiny_checkpoint, tmp_path):
+    import datasets
+
+    from training.train import train
+
+    with pytest.raises(ConfigError, match="above 0 only with train_text_encoder"):
+        TrainConfig(text_task_loss_weight=1.0)
+    one_task = tmp_path / "one-task"
+    image = gradient_image(0)
+    datasets.Dataset.from_dict(
+        {"input_image": [image], "instruction": ["invert"], "ground_truth_image": [image], "task": ["invert"]}
+    ).save_to_disk(str(one_task))
+    cfg = tiny_config(tiny_checkpoint, one_task, tmp_path / "run", train_text_encoder=True, text_task_loss_weight=1.0)
+    with pytest.raises(ConfigError, match=r"needs rows of at least two tasks \(the dataset has \['invert'\]\)"):
+        train(cfg)
 
 
 def test_a_frozen_text_encoder_is_copied_unchanged_into_final(tiny_checkpoint, dataset, tmp_path):

@@ -49,6 +49,9 @@ class TrainConfig:
     instructions_dir: str = ""  # paraphrase files <task>.txt, one per line; "" = training/instructions
     instruction_word_dropout: float = 0.0  # each word of a drawn paraphrase is dropped with this probability (one
     # always stays): the model learns which words name the task, not whole sentences, and hears unseen phrasings
+    instruction_word_insertion: int = 0  # then up to this many words it never hears otherwise (the tokenizer's
+    # vocabulary less every paraphrase's words) go in at random places: a user's phrasing is mostly such words,
+    # and a from-scratch text encoder must learn that they name no task. 0 = off
     # --- images
     resolution: int = 256  # training side in px (reference runs: 256); pairs share one resize and crop
     center_crop: bool = False  # False = random crop (same box on input and target), as the reference
@@ -86,6 +89,9 @@ class TrainConfig:
     # a dark photo (error ~1.5) still counts: 1 / ceiling is the least a sample weighs; 0 = no ceiling
     conditioning_dropout_prob: float = 0.05  # p: text dropped for r<2p, image for p<=r<3p (both for p<=r<2p)
     train_text_encoder: bool = False  # also train the text encoder (a from-scratch model has no CLIP to keep)
+    text_task_loss_weight: float = 0.0  # with train_text_encoder: a linear head over each instruction's mean token
+    # state must name its row's task (cross-entropy, this weight beside the diffusion loss), so the encoder keeps the
+    # tasks apart while it learns with the UNet; the head is not saved in final/. 0 = off
     use_ema: bool = True  # EMA of the trained weights (UNet, and text encoder if trained): what final/ holds
     ema_decay: float = 0.9999  # diffusers' EMAModel default (with its (1+t)/(10+t) warmup)
     gradient_checkpointing: bool = True  # ~halves activation memory for ~30% more compute (reference: on)
@@ -119,6 +125,10 @@ class TrainConfig:
             problems.append(f"conditioning_dropout_prob must be in [0, 1/3] (got {self.conditioning_dropout_prob})")
         if not 0.0 <= self.instruction_word_dropout < 1:
             problems.append(f"instruction_word_dropout must be in [0, 1) (got {self.instruction_word_dropout})")
+        if self.instruction_word_insertion < 0:
+            problems.append(f"instruction_word_insertion must be at least 0 (got {self.instruction_word_insertion})")
+        if self.text_task_loss_weight < 0 or (self.text_task_loss_weight and not self.train_text_encoder):
+            problems.append("text_task_loss_weight must be at least 0, and above 0 only with train_text_encoder")
         if self.timestep_bias_multiplier <= 0 or not 0 < self.timestep_bias_portion <= 1:
             problems.append("timestep_bias_multiplier must be above 0 and timestep_bias_portion in (0, 1]")
         if self.min_timestep < 0:

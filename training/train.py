@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -79,7 +80,10 @@ def train(cfg: TrainConfig) -> list[float]:
             f"min_timestep {cfg.min_timestep} leaves no timestep to train on: the scheduler has "
             f"{noise_scheduler.config.num_train_timesteps}"
         )
+    pairs = PairDataset(rows, cfg, tokenizer)
     trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
+    if cfg.text_task_loss_weight:  # trained with the rest, checkpointed with it, thrown away at the end
+        trained.append(task_head(text_encoder, pairs.task_names))
     for frozen in [vae] if cfg.train_text_encoder else [vae, text_encoder]:
         frozen.requires_grad_(False).eval().to(device)
         if weight_dtype != torch.float32:
@@ -95,7 +99,6 @@ def train(cfg: TrainConfig) -> list[float]:
     optimizer = make_optimizer(parameters_of(trained), cfg)
 
     # ---- data: a weighted mixture over tasks, step-keyed so that resuming replays nothing and skips nothing
-    pairs = PairDataset(rows, cfg, tokenizer)
     weights = row_weights(pairs.tasks, cfg.task_weights)
     validation = []
     if cfg.validation_steps and accelerator.is_main_process:
@@ -168,7 +171,7 @@ def train(cfg: TrainConfig) -> list[float]:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
+        step_loss, step_task_loss = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
@@ -182,6 +185,7 @@ def train(cfg: TrainConfig) -> list[float]:
             )
             if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
                 null_text = text_encoder(null_ids, return_dict=False)[0]
+            task_logits = trained[2](text.mean(1)) if cfg.text_task_loss_weight else None
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
             timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg, gen)
             timesteps = timesteps.to(device)
@@ -195,7 +199,12 @@ def train(cfg: TrainConfig) -> list[float]:
                 pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text, return_dict=False)[0]
                 errors = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
                 loss = (errors * loss_weights).mean()
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                total = loss
+                if task_logits is not None:
+                    task_loss = F.cross_entropy(task_logits.float(), batch["task"].to(device))
+                    total = loss + cfg.text_task_loss_weight * task_loss
+                    step_task_loss += task_loss.detach() / cfg.gradient_accumulation_steps
+                accelerator.backward(total / cfg.gradient_accumulation_steps)
             step_loss += loss.detach() / cfg.gradient_accumulation_steps
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(parameters_of(trained), cfg.max_grad_norm)
@@ -211,6 +220,8 @@ def train(cfg: TrainConfig) -> list[float]:
         if writer is not None:
             writer.add_scalar("train/loss", loss_value, global_step)
             writer.add_scalar("train/lr", lr, global_step)
+            if cfg.text_task_loss_weight:
+                writer.add_scalar("train/text_task_loss", accelerator.reduce(step_task_loss).item(), global_step)
         if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
         if cfg.validation_steps and global_step % cfg.validation_steps == 0:
@@ -237,7 +248,7 @@ def train(cfg: TrainConfig) -> list[float]:
         finals = [accelerator.unwrap_model(model) for model in trained]
         if ema is not None:
             ema.copy_to(parameters_of(finals))
-        final = save_final(finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:])
+        final = save_final(finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:2])
         write_edit_defaults(final, edit_defaults)
         if writer is not None:
             writer.close()
@@ -320,6 +331,13 @@ def widen_conv_in(unet: torch.nn.Module, in_channels: int = 8) -> torch.nn.Modul
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
     return unet
+
+
+def task_head(text_encoder: torch.nn.Module, tasks: Sequence[str]) -> torch.nn.Module:
+    """The linear classifier of `text_task_loss_weight`: the text encoder's mean token state -> one logit per task."""
+    if len(tasks) < 2:
+        raise ConfigError(f"text_task_loss_weight needs rows of at least two tasks (the dataset has {list(tasks)})")
+    return torch.nn.Linear(text_encoder.config.hidden_size, len(tasks))
 
 
 def parameters_of(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -574,8 +592,12 @@ class PairDataset(torch.utils.data.Dataset):
             self.tasks = [str(task) for task in rows[cfg.task_column]]
         else:
             self.tasks = [""] * len(rows)
+        self.task_names = sorted(set(self.tasks))  # a sample's "task" in a batch is its index here
         self.paraphrases = load_paraphrases(Path(cfg.instructions_dir) if cfg.instructions_dir else None, self.tasks)
         self.has_choices = cfg.instruction_choices_column in rows.column_names
+        self.unheard: list[str] = []  # instruction_word_insertion's words
+        if cfg.instruction_word_insertion:
+            self.unheard = unheard_words(tokenizer, [line for lines in self.paraphrases.values() for line in lines])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -585,7 +607,8 @@ class PairDataset(torch.utils.data.Dataset):
 
         With an rng the instruction is a paraphrase drawn per sample: from the row's own choices when the
         dataset keeps them, else from its task's templates file, else the row's instruction text; then each of
-        its words is dropped with probability `instruction_word_dropout`.
+        its words is dropped with probability `instruction_word_dropout`, and up to `instruction_word_insertion`
+        unheard words are put in.
         """
         row = self.rows[index]
         original, edited = crop_pair(
@@ -604,6 +627,7 @@ class PairDataset(torch.utils.data.Dataset):
         if rng is not None and templates:
             drawn = templates[int(rng.integers(len(templates)))]
             instruction = drop_words(drawn, self.cfg.instruction_word_dropout, rng)
+            instruction = insert_words(instruction, self.cfg.instruction_word_insertion, self.unheard, rng)
         else:
             instruction = str(row[self.cfg.edit_prompt_column])
         return original, edited, instruction
@@ -611,13 +635,15 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, sample_seed = key
         original, edited, instruction = self.pair(index, np.random.default_rng(sample_seed))
-        return {"original": to_tensor(original), "edited": to_tensor(edited), "instruction": instruction}
+        task = self.task_names.index(self.tasks[index])
+        return {"original": to_tensor(original), "edited": to_tensor(edited), "instruction": instruction, "task": task}
 
     def collate(self, items: list[dict]) -> dict:
         return {
             "original": torch.stack([item["original"] for item in items]),
             "edited": torch.stack([item["edited"] for item in items]),
             "input_ids": tokenize(self.tokenizer, [item["instruction"] for item in items]),
+            "task": torch.tensor([item["task"] for item in items]),
         }
 
 
@@ -630,6 +656,23 @@ def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
     if not keep.any():
         keep[rng.integers(len(words))] = True
     return " ".join(word for word, kept in zip(words, keep, strict=True) if kept)
+
+
+def unheard_words(tokenizer: object, paraphrases: Sequence[str]) -> list[str]:
+    """The whole words of a CLIP tokenizer's vocabulary (letters only, at least 3) that no paraphrase uses."""
+    heard = {word for line in paraphrases for word in re.findall(r"[a-z]+", line.lower())}
+    words = (token.removesuffix("</w>") for token in tokenizer.get_vocab() if token.endswith("</w>"))
+    return sorted(word for word in words if len(word) >= 3 and word.isalpha() and word.isascii() and word not in heard)
+
+
+def insert_words(text: str, most: int, words: Sequence[str], rng: np.random.Generator) -> str:
+    """`text` with 0 to `most` (uniformly) of `words`, drawn at random, each put in at a random place."""
+    if most <= 0 or not words:
+        return text
+    tokens = text.split()
+    for _ in range(int(rng.integers(most + 1))):
+        tokens.insert(int(rng.integers(len(tokens) + 1)), words[int(rng.integers(len(words)))])
+    return " ".join(tokens)
 
 
 def crop_pair(
