@@ -11,7 +11,7 @@ import torch
 
 from core.params import read_edit_defaults
 from training.recipes.itsd_tiny import HELD_OUT, TASKS
-from training.recipes.itsd_tiny_check import BAR_DB, UNSEEN, unseen_words
+from training.recipes.itsd_tiny_check import BAR_DB, UNSEEN, VALIDATION, unseen_words
 from training.recipes.photos import PHOTOS, write_photos
 from training.templates import load_templates
 
@@ -36,11 +36,16 @@ def test_sample_photos_load_offline_as_rgb_png_files(tmp_path):
         write_photos(["lena"], tmp_path)
 
 
-def test_every_task_has_an_unseen_phrasing_that_is_no_training_line_and_a_bar():
+def test_every_task_has_an_unseen_phrasing_and_validation_phrasings_that_are_no_training_line_and_a_bar():
     assert set(UNSEEN) == set(BAR_DB) == set(TASKS)
     for task, text in UNSEEN.items():
         assert text.strip().lower() not in {line.strip().lower() for line in load_templates(task)}
         assert unseen_words(task, text), task  # each one also uses words no paraphrase of its task used
+    assert set(VALIDATION) == set(TASKS)
+    lines = {line.strip().lower() for task in TASKS for line in load_templates(task)} | {
+        text.lower() for text in UNSEEN.values()
+    }
+    assert not lines & {text.lower() for texts in VALIDATION.values() for text in texts}
 
 
 def test_the_itsd_tiny_preset_is_an_8_channel_ip2p_with_pixel_latents_predicting_the_clean_image(tmp_path):
@@ -105,6 +110,10 @@ def test_the_check_scores_own_and_unseen_phrasings_per_task_and_draws_the_figure
     cosines = report["unseen_phrasing_cosine"]  # where the text encoder puts each unseen phrasing
     assert {task: list(row) for task, row in cosines.items()} == {task: list(UNSEEN) for task in UNSEEN}
     assert all(-1.0 <= c <= 1.0 for row in cosines.values() for c in row.values())
+    nearest = report["validation_phrasing_nearest"]
+    assert {task: len(near) for task, near in nearest.items()} == {task: len(t) for task, t in VALIDATION.items()}
+    assert set().union(*nearest.values()) <= set(UNSEEN)
     markdown = (tmp_path / "check" / "check.md").read_text()
     assert "| rows | low_light | denoise" in markdown and "| phrasing | low_light | denoise" in markdown
+    assert "Validation phrasings nearest their own task's paraphrases: " in markdown
     assert (tmp_path / "check" / "itsd-tiny.jpg").is_file()

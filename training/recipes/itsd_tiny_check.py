@@ -10,7 +10,8 @@ task's unseen phrasing; and the unseen phrasing picks the task: on the task's ro
 task's unseen phrasing (a model that ignores the instruction ties, and misses). The confusion table has every
 task's rows against every unseen phrasing. A third table says where the text encoder puts each unseen phrasing:
 its cosine to each task's training paraphrases (mean token states); a phrasing that picks another task usually
-sits nearer that task's paraphrases. Exit status 1 if a row misses the bar.
+sits nearer that task's paraphrases; then how many VALIDATION phrasings sit nearest their own task's paraphrases
+(text only: for choosing a recipe without the test phrasings). Exit status 1 if a row misses the bar.
 Also writes DIR/itsd-tiny.jpg: the first held-out row of each task, input | output | target.
 """
 
@@ -37,6 +38,41 @@ UNSEEN = {
     "derain": "The storm left wet streaks all over my shot, please wipe them away",
     "deblur": "My hands shook when I took this, please steady it and sharpen the details",
     "cartoonization": "Redraw this as a flat-colour comic panel with bold ink outlines",
+}
+# Phrasings for choosing a recipe: no training line, not in the bar, never evaluated on images; only where the
+# text encoder puts them (nearest task's paraphrases) is reported, so a recipe can be judged without the test rows'
+# phrasings above.
+VALIDATION = {
+    "low_light": [
+        "It is far too dim, turn up the exposure",
+        "Recover this underexposed night shot",
+        "Make the dark room visible",
+        "I took this at dusk and everything is murky, can you light it up",
+    ],
+    "denoise": [
+        "Smooth away the noisy pixels",
+        "This photo is full of static, clean it",
+        "The picture is grainy from the high ISO, tidy it up",
+        "Too much speckle here, make it smooth",
+    ],
+    "derain": [
+        "Take the raindrops off this picture",
+        "Erase the drizzle from the scene",
+        "It was pouring when I shot this, take out the streaks",
+        "Remove the rainfall so the street looks dry",
+    ],
+    "deblur": [
+        "This is out of focus, fix it",
+        "Undo the camera shake",
+        "Bring the soft picture into focus",
+        "Everything is smeared because the car was moving, make it crisp",
+    ],
+    "cartoonization": [
+        "Turn this into a cartoon drawing",
+        "Make it look like an animated film still",
+        "Give it a comic book look",
+        "Paint this like a Saturday morning animation with thick outlines",
+    ],
 }
 # Minimum PSNR gain (dB) over the input; 0 = it must be positive (closer to the target than the input is).
 BAR_DB = {"low_light": 3.0, "denoise": 2.0, "derain": 0.0, "deblur": 0.0, "cartoonization": 0.0}
@@ -74,9 +110,9 @@ def figure(out: Path, tasks: list[str]) -> Path:
     return out / "itsd-tiny.jpg"
 
 
-def placement(artifacts: Path) -> dict[str, dict[str, float]]:
-    """Unseen phrasing of each task -> task -> cosine between its text-encoder state and the task's training
-    paraphrases' (each the mean over token positions; the paraphrases' states averaged)."""
+def placement(artifacts: Path, phrasings: list[str]) -> list[dict[str, float]]:
+    """Each phrasing -> task -> cosine between its text-encoder state and the task's training paraphrases' (each
+    the mean over token positions; the paraphrases' states averaged)."""
     from worker.pipeline import OnnxEditPipeline
 
     pipe = OnnxEditPipeline(artifacts, ("CPUExecutionProvider",))
@@ -86,10 +122,11 @@ def placement(artifacts: Path) -> dict[str, dict[str, float]]:
         return means / np.linalg.norm(means, axis=1, keepdims=True)
 
     centres = {task: state(load_templates(task)).mean(0) for task in UNSEEN}
-    phrasings = dict(zip(UNSEEN, state(list(UNSEEN.values())), strict=True))
-    return {
-        task: {other: float(v @ c / np.linalg.norm(c)) for other, c in centres.items()} for task, v in phrasings.items()
-    }
+    return [{task: float(v @ c / np.linalg.norm(c)) for task, c in centres.items()} for v in state(phrasings)]
+
+
+def nearest(cosines: dict[str, float]) -> str:
+    return max(cosines, key=cosines.__getitem__)
 
 
 def run_evaluate(args: list[str]) -> None:
@@ -137,9 +174,13 @@ def matrix(corner: str, rows: dict[str, dict[str, float]], fmt: str) -> list[str
 
 
 def tables(
-    results: list[dict[str, Any]], confusion: dict[str, dict[str, float]], cosines: dict[str, dict[str, float]]
+    results: list[dict[str, Any]],
+    confusion: dict[str, dict[str, float]],
+    cosines: dict[str, dict[str, float]],
+    validation: dict[str, list[str]],
 ) -> str:
-    """The bar table, the confusion table and the text encoder's placement of the unseen phrasings, in Markdown."""
+    """The bar table, the confusion table and the text encoder's placement of the unseen phrasings, in Markdown;
+    then how many validation phrasings sit nearest their own task (`validation`: task -> nearest of each)."""
     lines = ["| task | instruction | rows | PSNR | gain dB | bar | picks the task | pass |", "|---" * 8 + "|"]
     for r in results:
         bar = f"> {r['bar_db']:.0f}" if r["bar_db"] == 0 else f">= {r['bar_db']:.0f}"
@@ -152,6 +193,10 @@ def tables(
     lines += matrix("rows", confusion, "+.2f")
     lines += ["", "Text encoder (mean token state): cosine of each unseen phrasing to each task's paraphrases:", ""]
     lines += matrix("phrasing", cosines, ".2f")
+    wrong = [f"{task} -> {near}" for task, nears in validation.items() for near in nears if near != task]
+    placed = sum(len(nears) for nears in validation.values()) - len(wrong)
+    lines += ["", f"Validation phrasings nearest their own task's paraphrases: {placed}/{placed + len(wrong)}"]
+    lines += [f"(misplaced: {', '.join(wrong)})"] if wrong else []
     return "\n".join(lines) + "\n"
 
 
@@ -171,11 +216,14 @@ def main(dataset: Path, artifacts: Path, out: Path, rows_per_task: int | None, p
         task_results, confusion[task] = check_task(common, out, task)
         results += task_results
     figure(out, list(UNSEEN))
-    cosines = placement(artifacts)
+    phrasings = [*UNSEEN.values(), *(text for texts in VALIDATION.values() for text in texts)]
+    found = iter(placement(artifacts, phrasings))
+    cosines = {task: next(found) for task in UNSEEN}
+    validation = {task: [nearest(next(found)) for _ in texts] for task, texts in VALIDATION.items()}
     report = {"params": params.to_dict(), "results": results, "confusion_gain_db": confusion}
-    report["unseen_phrasing_cosine"] = cosines
+    report |= {"unseen_phrasing_cosine": cosines, "validation_phrasing_nearest": validation}
     (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = tables(results, confusion, cosines)
+    markdown = tables(results, confusion, cosines, validation)
     (out / "check.md").write_text(markdown)
     click.echo(markdown)
     if not all(r["passed"] for r in results):
