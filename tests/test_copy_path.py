@@ -1,12 +1,13 @@
 """`training.copy_path`: a from-scratch itsd-tiny UNet given the copy path returns the image's latents, scaled,
-at every timestep and whatever the text; a UNet that cannot hold the path is refused with the reason."""
+at every timestep and whatever the text; a UNet that cannot hold the path is refused with the reason; muted, no
+feature of it depends on the noisy latents until training says so."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from training.copy_path import make_copy_path
+from training.copy_path import make_copy_path, mute_noisy_latents
 from training.tiny import unet_for
 
 
@@ -31,3 +32,24 @@ def test_the_copy_path_makes_the_untrained_unet_the_identity_edit_at_every_times
 def test_a_unet_that_cannot_hold_the_path_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"needs 8 input .* \(got 4 in"):
         make_copy_path(unet_for("itsd-tiny", in_channels=4), scale=1.0)  # no image latents to copy
+
+
+def test_muted_noisy_latents_reach_no_feature_and_the_copy_path_stays():
+    torch.manual_seed(0)
+    unet = make_copy_path(unet_for("itsd-tiny").eval(), scale=1.6)
+    rgb, text = torch.rand(1, 3, 48, 48) * 2 - 1, torch.randn(1, 77, 32)
+    image = torch.cat([rgb, rgb.mean(1, keepdim=True)], dim=1)
+    features: list[torch.Tensor] = []
+    unet.mid_block.register_forward_hook(lambda module, args, out: features.append(out))
+
+    def run(noisy: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return unet(torch.cat([noisy, image], 1), torch.tensor([999]), text).sample
+
+    run(torch.randn(1, 4, 48, 48)), run(torch.randn(1, 4, 48, 48))
+    assert not torch.equal(features[0], features[1])  # random conv_in weights carry the noise everywhere
+    mute_noisy_latents(unet)
+    out = run(torch.randn(1, 4, 48, 48))
+    assert torch.equal(run(torch.randn(1, 4, 48, 48)), out)
+    assert torch.equal(features[-1], features[-2])
+    assert float((out - 1.6 * image).pow(2).mean().sqrt()) < 0.05

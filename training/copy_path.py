@@ -14,6 +14,13 @@ timestep, along a path that is linear end to end:
 
 Everything else keeps its random initialization; conv_out reads only the path, so the rest of the network
 starts silent (as ControlNet's zero convolutions) and training adds the edit on top of the copy.
+
+`mute_noisy_latents` zeroes what conv_in reads from the noisy latents. A 1-step model is trained mostly at t = 999,
+where with zero terminal SNR they are pure noise: random weights on them fill every feature with that noise,
+which the network must first learn to cancel (InstructPix2Pix zero-initializes the channels it adds to conv_in,
+for the same reason). Muted, it starts as a regression from the image and the instruction; the weights grow
+where the noisy latents carry something (t < 999). On deblurring alone (1500 steps from the recipe's base, 8
+blurred held-out rows, 1 step): +0.24 dB muted, +0.12 not.
 """
 
 from __future__ import annotations
@@ -63,4 +70,12 @@ def make_copy_path(unet: torch.nn.Module, scale: float, level: float = 10.0) -> 
             weight = gain / SIGNALS if out == SIGNALS else gain
             conv_out.weight[out, k * g, centre, centre] = weight
             conv_out.weight[out, k * g + 1, centre, centre] = -weight
+    return unet
+
+
+@torch.no_grad()
+def mute_noisy_latents(unet: torch.nn.Module) -> torch.nn.Module:
+    """Zero `unet.conv_in`'s weights on the noisy latents (its first `out_channels` inputs), so that before
+    training nothing in the network depends on them. In place."""
+    unet.conv_in.weight[:, : unet.config.out_channels] = 0.0
     return unet

@@ -9,8 +9,10 @@
    training restoration rows are untouched (`--untouched`: nothing of their task to undo, target = input).
 3. the base checkpoint (training.tiny preset "itsd-tiny": random weights, the real CLIP tokenizer).
 4. its VAE made a pixel autoencoder (training.autoencoder: set, not trained), scaled for the targets, and its
-   UNet given a linear copy path (training.copy_path): before training it is the identity edit.
-5. `itsd train --config training/configs/itsd_tiny.toml`: UNet and text encoder together.
+   UNet given a linear copy path (training.copy_path): before training it is the identity edit, and reads
+   nothing from the noisy latents (pure noise at t = 999, where it is mostly trained).
+5. `itsd train --config training/configs/itsd_tiny.toml`: UNet and text encoder together, the encoder kept apart
+   by task (`text_task_loss_weight`) and taught that unheard words name none (`instruction_word_insertion`).
 DIR/train/final is the checkpoint; DIR/recipe.json records the seed, the timings and the VAE's figures.
 """
 
@@ -25,7 +27,7 @@ import click
 import numpy as np
 
 from training.autoencoder import fit_scaling_factor, make_pixel_autoencoder, reconstruction_psnr
-from training.copy_path import make_copy_path
+from training.copy_path import make_copy_path, mute_noisy_latents
 from training.dataset import as_pil
 from training.prepare_cli import untouched_option
 from training.recipes.photos import PHOTOS, write_photos
@@ -51,8 +53,8 @@ def prepare(photos: Path, out: Path, seed: int, samples: int, split: str, untouc
 
 def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float]:
     """Make the base checkpoint's VAE a pixel autoencoder (training.autoencoder), scaled for the training rows'
-    targets, and give its UNet the copy path (training.copy_path); returns the VAE's figures (reconstruction
-    PSNR on the held-out targets)."""
+    targets, and give its UNet the copy path with the noisy latents muted (training.copy_path); returns the
+    VAE's figures (reconstruction PSNR on the held-out targets)."""
     import datasets
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -61,7 +63,7 @@ def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float
     factor = fit_scaling_factor(vae, [np.asarray(as_pil(row["ground_truth_image"])) for row in rows])
     vae.save_pretrained(base / "vae", safe_serialization=True)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    make_copy_path(unet, scale=factor).save_pretrained(base / "unet", safe_serialization=True)
+    mute_noisy_latents(make_copy_path(unet, scale=factor)).save_pretrained(base / "unet", safe_serialization=True)
     test = datasets.load_from_disk(str(held_out))["test"]
     targets = [np.asarray(as_pil(row["ground_truth_image"])) for row in test]
     return {"scaling_factor": factor, "held_out_psnr_db": reconstruction_psnr(vae, targets)}
