@@ -108,6 +108,7 @@ def train(cfg: TrainConfig) -> list[float]:
     unet = trained[0]
     if cfg.train_text_encoder:
         text_encoder = trained[1]
+    head = trained[2] if cfg.text_task_loss_weight else None  # task_head, as prepared
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -185,7 +186,7 @@ def train(cfg: TrainConfig) -> list[float]:
             )
             if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
                 null_text = text_encoder(null_ids, return_dict=False)[0]
-            task_logits = trained[2](text.mean(1)) if cfg.text_task_loss_weight else None
+            task_logits = head(text.mean(1)) if head is not None else None
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
             timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg, gen)
             timesteps = timesteps.to(device)
@@ -592,7 +593,8 @@ class PairDataset(torch.utils.data.Dataset):
             self.tasks = [str(task) for task in rows[cfg.task_column]]
         else:
             self.tasks = [""] * len(rows)
-        self.task_names = sorted(set(self.tasks))  # a sample's "task" in a batch is its index here
+        self.task_names = sorted(set(self.tasks))
+        self.task_ids = [self.task_names.index(task) for task in self.tasks]  # a sample's "task" in a batch
         self.paraphrases = load_paraphrases(Path(cfg.instructions_dir) if cfg.instructions_dir else None, self.tasks)
         self.has_choices = cfg.instruction_choices_column in rows.column_names
         self.unheard: list[str] = []  # instruction_word_insertion's words
@@ -635,8 +637,12 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, sample_seed = key
         original, edited, instruction = self.pair(index, np.random.default_rng(sample_seed))
-        task = self.task_names.index(self.tasks[index])
-        return {"original": to_tensor(original), "edited": to_tensor(edited), "instruction": instruction, "task": task}
+        return {
+            "original": to_tensor(original),
+            "edited": to_tensor(edited),
+            "instruction": instruction,
+            "task": self.task_ids[index],
+        }
 
     def collate(self, items: list[dict]) -> dict:
         return {
