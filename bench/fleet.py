@@ -30,23 +30,18 @@ import numpy as np
 
 from core.params import EditParams
 from core.settings import Settings
+from core.standin import StandInModel
 from producer.batch import Broker, results, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered
 from producer.sources import Source
 from producer.submit import wait_for
 
 
-class FixedCost:
+class FixedCost(StandInModel):
     """A model that takes exactly `seconds` and returns its input."""
 
-    edit_defaults: dict[str, float] = {}  # noqa: RUF012 (read only)
-
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def generate(self, pixels, instruction, params, seed):
-        time.sleep(self.seconds)
-        return ((pixels[0].transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
+        super().__init__(on_image=lambda: time.sleep(seconds))
 
 
 def serve_stand_in(argv: list[str]) -> None:

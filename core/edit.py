@@ -1,39 +1,87 @@
-"""The edit flow both backends share, so ONNX and torch see the same pixels and the same noise.
+"""The edit loop both backends share, tiled, so ONNX and torch see the same pixels, tiles and noise.
 
-A backend only turns model-input pixels into output pixels (`Backend.generate`). Everything around it
-(the model's default settings, working size, seed choice, the initial noise, resizing back) happens
-here, once.
+A backend supplies only the model calls (`Backend`: text encoder, VAE encoder, UNet, VAE decoder) and the
+model's facts. Everything else happens here, once: the model's default settings, the working size (the
+input's own, unless `max_side` shrinks it), padding to the latent grid, the seed and the initial noise,
+and InstructPix2Pix's sampling loop, step for step diffusers' `StableDiffusionInstructPix2PixPipeline`:
+image latents from the VAE encoder's mode, 3-way classifier-free guidance with the batch ordered
+`[text+image, image only, neither]` and image latents `[img, img, 0]`, then the VAE decoder.
+
+The unit of compute is the tile (`core.tiles`): the VAE encodes and decodes overlapping tiles of the
+model's native size, and at every step the UNet runs on batches of latent tiles (CFG copies included),
+their guided predictions are blended with weights that sum to one, and one scheduler step runs on the
+whole latent, so the seed and the noise are those of the whole image. An image that fits in one tile
+makes one call of each model, exactly as an untiled pipeline does.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from core.images import restore_size, to_model_input, working_size
-from core.params import EditParams
+from core.images import pad_to_multiple, restore_size, to_model_input, to_uint8, working_size
+from core.params import LATENT_MULTIPLE, EditParams
+from core.schedulers import make_scheduler
+from core.tiles import Canvas, Layout, Tile
+
+Progress = Callable[[int, int], None]  # (units done, units in all) after each model call on tiles
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the loop needs to know about a model, from its manifest (ONNX) or its configs (torch)."""
+
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent
+    latent_scaling_factor: float  # the VAE's scaling_factor: the decoder takes latents divided by it
+    tile_size: int  # native side in px: the UNet's sample size times the VAE's scale factor
+    scheduler_config: Mapping[str, Any]
 
 
 class Backend(Protocol):
-    edit_defaults: Mapping[str, float]  # the model's own steps / guidance scales (`core.params`), may be empty
+    edit_defaults: Mapping[str, float]  # the model's own settings (`core.params`), may be empty
+    facts: ModelFacts
 
-    def generate(self, pixels: np.ndarray, instruction: str, params: EditParams, seed: int) -> np.ndarray:
-        """float32 [1, 3, H, W] in [-1, 1] -> uint8 [H, W, 3] edited pixels at the same size; `params` are
-        resolved (no unset steps or guidance)."""
+    def encode_text(self, text: str) -> np.ndarray:
+        """Token states float32 [1, sequence, hidden]."""
         ...
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 [1, 3, h, w] in [-1, 1] -> the latent distribution's mode, float32 [1, C, h/s, w/s]."""
+        ...
+
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> np.ndarray:
+        """UNet: sample float32 [B, 8, h, w], timestep float32 [B], text [B, sequence, hidden] -> [B, C, h, w]."""
+        ...
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """float32 [1, C, h, w], already divided by the scaling factor -> float32 [1, 3, h*s, w*s]."""
+        ...
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the loop cuts an image. Neither setting changes which image a seed gives, beyond float rounding."""
+
+    size: int | None = None  # tile side in px; None: the model's native size (`ModelFacts.tile_size`)
+    batch: int = 1  # tiles per UNet call, each with its CFG copies (so the UNet batch is batch x 3 when guided)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"tile batch must be >= 1, got {self.batch}")
 
 
 @dataclass
 class Edit:
     image: Image.Image
     seed: int
-    working_size: tuple[int, int]
-    timings: dict[str, float] = field(default_factory=dict)
+    working_size: tuple[int, int]  # (width, height) the model worked at, before padding to the latent grid
+    tiles: int  # UNet tiles per step
 
 
 def initial_latents(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -45,10 +93,111 @@ def resolve_seed(params: EditParams) -> int:
     return params.seed if params.seed is not None else secrets.randbits(63)
 
 
-def edit_image(backend: Backend, image: Image.Image, instruction: str, params: EditParams) -> Edit:
+def edit_image(
+    backend: Backend,
+    image: Image.Image,
+    instruction: str,
+    params: EditParams,
+    tiling: Tiling = Tiling(),
+    progress: Progress | None = None,
+) -> Edit:
     """Edit one RGB image; the result has the input's size."""
     params = params.resolve(backend.edit_defaults)
     size = working_size(*image.size, params.max_side)
     seed = resolve_seed(params)
-    pixels = backend.generate(to_model_input(image, size), instruction, params, seed)
-    return Edit(restore_size(pixels, image.size), seed, size)
+    pixels = to_model_input(pad_to_multiple(image, size, LATENT_MULTIPLE))
+    layout = plan(backend.facts, pixels.shape[2], pixels.shape[3], tiling)
+    edited = generate(backend, pixels, instruction, params, seed, layout, tiling.batch, progress)
+    return Edit(restore_size(edited[: size[1], : size[0]], image.size), seed, size, len(layout))
+
+
+def plan(facts: ModelFacts, height: int, width: int, tiling: Tiling = Tiling()) -> Layout:
+    """The latent tiles for a padded image of height x width px."""
+    scale = facts.vae_scale_factor
+    return Layout.plan(height // scale, width // scale, (tiling.size or facts.tile_size) // scale)
+
+
+def generate(
+    backend: Backend,
+    pixels: np.ndarray,
+    instruction: str,
+    params: EditParams,
+    seed: int,
+    layout: Layout,
+    tile_batch: int = 1,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """float32 [1, 3, H, W] in [-1, 1] (sides multiples of the latent grid) -> uint8 [H, W, 3] edited pixels;
+    `params` resolved, `layout` from `plan`."""
+    facts = backend.facts
+    copies = 3 if params.guided else 1
+    scheduler = make_scheduler(facts.scheduler_config, params.scheduler)
+    scheduler.set_timesteps(params.steps)
+    batches = -(-len(layout) // tile_batch)
+    count = _Counter(progress, 2 * len(layout) + len(scheduler.timesteps) * batches)
+
+    pixel_layout = layout.scaled(facts.vae_scale_factor)
+    image_latents = Canvas(layout, facts.latent_channels)
+    for tile, pixel_tile in zip(layout.tiles, pixel_layout.tiles, strict=True):
+        image_latents.add(tile, backend.encode_image(np.ascontiguousarray(pixel_tile.window(pixels)))[0])
+        count.step()
+    text = backend.encode_text(instruction)
+    if params.guided:
+        empty = backend.encode_text("")
+        text = np.concatenate([text, empty, empty])
+    text = np.concatenate([text] * min(tile_batch, len(layout)))
+
+    rng = np.random.default_rng(seed)
+    latents = initial_latents(rng, image_latents.array.shape) * np.float32(scheduler.init_noise_sigma)
+    for index, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(latents, index)
+        noise = Canvas(layout, facts.latent_channels)
+        for group, padded in _groups(layout, tile_batch):
+            samples = []
+            for tile in padded:
+                tile_latents = tile.window(image_latents.array)
+                conditioning = [tile_latents, tile_latents, np.zeros_like(tile_latents)][:copies]
+                samples += [np.concatenate([tile.window(model_input), c], axis=1) for c in conditioning]
+            predicted = backend.predict_noise(np.concatenate(samples), np.full(len(samples), t, np.float32), text)
+            for tile, output in zip(group, np.split(predicted, len(padded)), strict=False):  # padding dropped
+                noise.add(tile, _guide(output, params) if params.guided else output[0])
+            count.step()
+        latents = scheduler.step(noise.array, index, latents, rng)
+
+    decoded = Canvas(pixel_layout, 3)
+    latents /= facts.latent_scaling_factor
+    for tile, pixel_tile in zip(layout.tiles, pixel_layout.tiles, strict=True):
+        decoded.add(pixel_tile, backend.decode(np.ascontiguousarray(tile.window(latents)))[0])
+        count.step()
+    return to_uint8(decoded.array[0])
+
+
+def _guide(output: np.ndarray, params: EditParams) -> np.ndarray:
+    """3-way classifier-free guidance over one tile's [text+image, image only, neither] predictions."""
+    text_image, image_only, neither = output
+    return (
+        neither
+        + params.guidance_scale * (text_image - image_only)
+        + params.image_guidance_scale * (image_only - neither)
+    )
+
+
+def _groups(layout: Layout, size: int) -> Iterator[tuple[list[Tile], list[Tile]]]:
+    """The tiles in UNet batches of `size`, each as (its tiles, its tiles padded to `size`): a short last batch
+    repeats its last tile, whose extra outputs are dropped, so every call has one shape. An image of fewer
+    tiles runs them all at once."""
+    tiles = layout.tiles
+    size = min(size, len(tiles))
+    for start in range(0, len(tiles), size):
+        group = tiles[start : start + size]
+        yield group, group + [group[-1]] * (size - len(group))
+
+
+class _Counter:
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def step(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)

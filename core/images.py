@@ -1,7 +1,9 @@
 """Image rules every part follows: decoding, orientation, colour modes, size limits, working size.
 
-Pixels enter the model as float32 NCHW in [-1, 1] at the *working size* (aspect kept, longest side at
-most `max_side`, both sides multiples of 64) and leave as uint8 HWC, resized back to the input's size.
+Pixels enter the model as float32 NCHW in [-1, 1] at the *working size*: the input's own, or, when a
+`max_side` is asked for, shrunk with its aspect kept so its longest side is at most that. The working image
+is padded by mirroring its edges up to the latent grid (multiples of 64 px), and the model's output is
+cropped back and, only when it was shrunk, resized to the input's size.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import ImageTooLarge, InputNotFound, InvalidImage
-from core.params import LATENT_MULTIPLE
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: any camera photo; stops decompression bombs before decoding
-MAX_DISTORTION = 2.0  # refuse shapes the 64-px grid would stretch more than this (e.g. 20000x300 strips)
 # Encoders for output files, by suffix; anything else is written as PNG under its own name.
 _FORMATS = {
     ".jpg": "JPEG",
@@ -85,30 +85,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The size the model sees: aspect kept, longest side <= max_side, both sides multiples of 64."""
-    scale = min(1.0, max_side / max(width, height))
-    ceiling = max(LATENT_MULTIPLE, max_side // LATENT_MULTIPLE * LATENT_MULTIPLE)
-
-    def snap(side: int) -> int:
-        return min(ceiling, max(LATENT_MULTIPLE, round(side * scale / LATENT_MULTIPLE) * LATENT_MULTIPLE))
-
-    size = snap(width), snap(height)
-    stretch = max(size[0] / (width * scale), size[1] / (height * scale))
-    if stretch > MAX_DISTORTION:
-        raise ImageTooLarge(
-            f"{width}x{height} is too elongated for a {max_side}-px model input: its short side would be "
-            f"stretched {stretch:.1f}x; crop it into tiles or raise --max-side"
-        )
-    return size
+def working_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """The size the model sees: the input's own, or shrunk (aspect kept) so its longest side is <= max_side."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """RGB image -> float32 [1, 3, H, W] in [-1, 1] at `size` (width, height)."""
+def pad_to_multiple(image: Image.Image, size: tuple[int, int], multiple: int) -> np.ndarray:
+    """RGB image at `size` (width, height), its right and bottom mirrored out to multiples of `multiple`:
+    uint8 [H, W, 3]. Mirroring, not a flat colour, so the model sees no edge that is not in the photo."""
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    return np.ascontiguousarray((pixels * 2.0 - 1.0).transpose(2, 0, 1)[None])
+    pixels = np.asarray(image)
+    width, height = size
+    pad_y, pad_x = -height % multiple, -width % multiple
+    if pad_y or pad_x:
+        pixels = np.pad(pixels, ((0, pad_y), (0, pad_x), (0, 0)), mode="symmetric")
+    return pixels
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1]."""
+    unit = pixels.astype(np.float32) / 255.0
+    return np.ascontiguousarray((unit * 2.0 - 1.0).transpose(2, 0, 1)[None])
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:

@@ -72,6 +72,9 @@ class Result:
     height: int | None = None
     size_bytes: int | None = None  # of the encoded output
     seed: int | None = None
+    working_width: int | None = None  # the size the model worked at (the input's own unless max_side shrank it)
+    working_height: int | None = None
+    tiles: int | None = None  # UNet tiles per denoising step
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     worker: str | None = None
     attempts: int = 1  # deliveries of this job so far, retries and redeliveries included

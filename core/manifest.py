@@ -90,6 +90,9 @@ class Parity:
     scheduler: str
     size: tuple[int, int]
     threshold_db: float
+    # The same tiled loop over torch's modules and over the ONNX sessions, on a probe of several tiles.
+    tiled_psnr_db: float | None = None
+    tiles: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,13 @@ class Manifest:
     tensorrt_profiles: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
     parity: Parity | None = None
     edit_defaults: dict[str, float] = field(default_factory=dict)  # the checkpoint's edit_defaults.json
+    native_size: int | None = None  # px the UNet was made for (sample size x VAE scale); None: exported before tiling
     schema_version: int = MANIFEST_VERSION
+
+    @property
+    def tile_size(self) -> int:
+        """The side of the tiles images are edited in: the native size, else SD's (64 latents)."""
+        return self.native_size or 64 * self.vae_scale_factor
 
     @property
     def model_id(self) -> str:

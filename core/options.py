@@ -1,4 +1,4 @@
-"""The edit-parameter options `edit`, `submit` and `run` share, defined once as a click decorator."""
+"""The options `edit`, `submit`, `run` and `worker` share, each defined once as a click decorator."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import click
 
 from core.errors import InvalidParameters
 from core.params import PROJECT_DEFAULTS, SCHEDULERS, EditParams
-
-_DEFAULTS = EditParams()
 
 
 def _model_default(name: str) -> str:
@@ -51,9 +49,9 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--max-side",
             type=click.IntRange(64, 4096),
-            default=_DEFAULTS.max_side,
-            show_default=True,
-            help="Longest side the model works at; the output is resized back to the input's size.",
+            default=None,
+            help="Shrink first so the longest side is at most this (faster, coarser); the output is resized back "
+            "to the input's size. [default: the model's (edit_defaults.json), else the input's own size, in tiles]",
         ),
     ]
 
@@ -65,7 +63,7 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         image_guidance_scale: float | None,
         seed: int | None,
         scheduler: str | None,
-        max_side: int,
+        max_side: int | None,
         **kwargs: Any,
     ) -> Any:
         try:
@@ -77,3 +75,13 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+tile_batch_option = click.option(
+    "--tile-batch",
+    type=click.IntRange(1, 64),
+    envvar="ITSD_TILE_BATCH",
+    default=1,
+    show_default=True,
+    help="Tiles per UNet call, each with its guidance copies: more feeds a GPU better. [env: ITSD_TILE_BATCH]",
+)

@@ -1,9 +1,10 @@
 """Edit parameters: one frozen dataclass, validated once, shared by `edit`, `submit` and `run`.
 
-Steps and the two guidance scales may be left unset (None): the model's own defaults then apply, from
-`edit_defaults.json` in its checkpoint (copied into the artifact manifest by export), else the project's
-(`PROJECT_DEFAULTS`). A backend resolves them (`EditParams.resolve`) just before it edits, so a job keeps
-"the model's default", and its id stays that of the model it was submitted for (whose hash covers the file).
+Steps, the two guidance scales and max_side may be left unset (None): the model's own defaults then apply,
+from `edit_defaults.json` in its checkpoint (copied into the artifact manifest by export), else the
+project's (`PROJECT_DEFAULTS`; no max_side: the input's own size). `core.edit` resolves them
+(`EditParams.resolve`) just before it edits, so a job keeps "the model's default", and its id stays that of
+the model it was submitted for (whose hash covers the file).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "dpm-multistep": "DPMSolverMultistepScheduler",
 }
-LATENT_MULTIPLE = 64  # working sizes are multiples of 64: the UNet halves the 1/8 latent three times
+LATENT_MULTIPLE = 64  # working images are padded to multiples of 64: the UNet halves the 1/8 latent three times
+MAX_SIDE = 65_536  # --max-side's ceiling; the pixel limit (ITSD_MAX_PIXELS) is what bounds an image
 EDIT_DEFAULTS_FILE = "edit_defaults.json"  # in a checkpoint folder: the settings its makers recommend
 PROJECT_DEFAULTS: dict[str, float] = {
     "steps": 20,  # the blog's validation setting; diffusers' pipeline default of 100 is 5x slower
     "guidance_scale": 7.0,  # text guidance
     "image_guidance_scale": 1.5,  # how closely the output follows the input image
 }
+MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side")  # what a model's edit_defaults.json may set
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class EditParams:
     image_guidance_scale: float | None = None
     seed: int | None = None  # None: a fresh seed per image, reported in the result
     scheduler: str | None = None  # None: the checkpoint's own scheduler
-    max_side: int = 512  # longest side the model sees; the output is resized back to the input size
+    max_side: int | None = None  # None: the model works at the input's own size (in tiles), unless the model's
+    # defaults set one; else the longest side it works at, the output resized back to the input's size
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,15 +55,15 @@ class EditParams:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             problems.append(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        if not LATENT_MULTIPLE <= self.max_side <= 4096:
-            problems.append(f"max_side must be {LATENT_MULTIPLE}..4096, got {self.max_side}")
+        if self.max_side is not None and not LATENT_MULTIPLE <= self.max_side <= MAX_SIDE:
+            problems.append(f"max_side must be {LATENT_MULTIPLE}..{MAX_SIDE}, got {self.max_side}")
         if problems:
             raise InvalidParameters("; ".join(problems))
 
     def resolve(self, model_defaults: Mapping[str, float]) -> EditParams:
         """These parameters with every unset one taken from the model's defaults, else the project's."""
-        chosen = {**PROJECT_DEFAULTS, **model_defaults}
-        return replace(self, **{name: chosen[name] for name in PROJECT_DEFAULTS if getattr(self, name) is None})
+        chosen = {**PROJECT_DEFAULTS, "max_side": None, **model_defaults}
+        return replace(self, **{name: chosen[name] for name in MODEL_DEFAULTS if getattr(self, name) is None})
 
     @property
     def guided(self) -> bool:
@@ -81,16 +85,16 @@ class EditParams:
 
 
 def check_edit_defaults(data: Any, where: str) -> dict[str, float]:
-    """A model's edit defaults, validated: only steps and the two guidance scales, with valid values."""
+    """A model's edit defaults, validated: only steps, the two guidance scales and max_side, with valid values."""
     if not isinstance(data, dict):
         raise InvalidModel(f"{where}: edit defaults must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(PROJECT_DEFAULTS))
+    unknown = sorted(set(data) - set(MODEL_DEFAULTS))
     if unknown:
         raise InvalidModel(
-            f"{where}: unknown edit default(s) {', '.join(unknown)}; a model may set {', '.join(PROJECT_DEFAULTS)}"
+            f"{where}: unknown edit default(s) {', '.join(unknown)}; a model may set {', '.join(MODEL_DEFAULTS)}"
         )
     for name, value in data.items():
-        whole = name == "steps"
+        whole = name in ("steps", "max_side")
         if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
             raise InvalidModel(f"{where}: {name} must be {'an integer' if whole else 'a number'}, got {value!r}")
     try:

@@ -1,7 +1,9 @@
-"""The PyTorch baseline: diffusers' own InstructPix2Pix pipeline behind the same `Backend` interface.
+"""The PyTorch baseline: a diffusers checkpoint's modules behind the same `core.edit.Backend` interface.
 
-`itsd edit --backend torch` and export's parity check use it. It takes its initial latents from
-`core.edit.initial_latents`, so a seed gives the ONNX and torch backends the same starting noise.
+`itsd edit --backend torch` runs `core.edit`'s tiled loop over the checkpoint's own torch modules, so it
+gives the ONNX backend's image (same tiles, noise and schedulers); export's parity check compares the two
+on a multi-tile probe. `diffusers_generate` runs diffusers' own `StableDiffusionInstructPix2PixPipeline`
+instead: the untiled reference the loop is held to on a single-tile probe.
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.edit import initial_latents
+from core.edit import ModelFacts, initial_latents
 from core.params import SCHEDULERS, EditParams, read_edit_defaults
 from export.checkpoint import load_pipeline, resolve
+
+
+def native_size(pipe) -> int:  # noqa: ANN001 (diffusers IP2P pipeline)
+    """The pixel side the UNet was made for: its sample size (the smaller side if two) times the VAE's scale."""
+    sample = pipe.unet.config.sample_size
+    return int(min(sample) if isinstance(sample, list | tuple) else sample) * pipe.vae_scale_factor
 
 
 class TorchEditPipeline:
@@ -23,40 +31,61 @@ class TorchEditPipeline:
         self.edit_defaults = edit_defaults
         self.pipe.set_progress_bar_config(disable=True)
         self._default_scheduler = self.pipe.scheduler
+        self.facts = ModelFacts(
+            latent_channels=pipe.vae.config.latent_channels,
+            vae_scale_factor=pipe.vae_scale_factor,
+            latent_scaling_factor=float(pipe.vae.config.scaling_factor),
+            tile_size=native_size(pipe),
+            scheduler_config=dict(pipe.scheduler.config),
+        )
 
     @classmethod
     def load(cls, source: str | Path) -> TorchEditPipeline:
         folder = resolve(str(source))
         return cls(load_pipeline(folder), read_edit_defaults(folder))
 
-    def _scheduler(self, name: str | None):  # noqa: ANN202 (a diffusers scheduler)
-        if name is None:
-            return self._default_scheduler
-        import diffusers
-
-        return getattr(diffusers, SCHEDULERS[name]).from_config(self._default_scheduler.config)
+    @torch.no_grad()
+    def encode_text(self, text: str) -> np.ndarray:
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        return self.pipe.text_encoder(torch.tensor(ids.input_ids))[0].numpy()
 
     @torch.no_grad()
-    def generate(self, pixels: np.ndarray, instruction: str, params: EditParams, seed: int) -> np.ndarray:
-        pipe = self.pipe
-        pipe.scheduler = self._scheduler(params.scheduler)
-        rng = np.random.default_rng(seed)
-        shape = (
-            1,
-            pipe.vae.config.latent_channels,
-            pixels.shape[2] // pipe.vae_scale_factor,
-            pixels.shape[3] // pipe.vae_scale_factor,
-        )
-        latents = torch.from_numpy(initial_latents(rng, shape))
-        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))  # ancestral noise only
-        output = pipe(
-            instruction,
-            image=torch.from_numpy((pixels + 1.0) / 2.0),  # diffusers wants [0, 1] tensors
-            num_inference_steps=params.steps,
-            guidance_scale=params.guidance_scale,
-            image_guidance_scale=params.image_guidance_scale,
-            latents=latents,
-            generator=generator,
-            output_type="np",
-        ).images[0]
-        return (output * 255.0).round().astype(np.uint8)
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self.pipe.vae.encode(torch.from_numpy(pixels)).latent_dist.mode().numpy()
+
+    @torch.no_grad()
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> np.ndarray:
+        tensors = (torch.from_numpy(a) for a in (sample, timestep, text))
+        return self.pipe.unet(*tensors, return_dict=False)[0].numpy()
+
+    @torch.no_grad()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.pipe.vae.decode(torch.from_numpy(latents), return_dict=False)[0].numpy()
+
+
+@torch.no_grad()
+def diffusers_generate(
+    backend: TorchEditPipeline, pixels: np.ndarray, instruction: str, params: EditParams, seed: int
+) -> np.ndarray:
+    """diffusers' own pipeline, untiled: float32 [1, 3, H, W] in [-1, 1] -> uint8 [H, W, 3]; `params` resolved.
+    Its initial latents come from `core.edit.initial_latents`, so a seed means the loop's start."""
+    pipe = backend.pipe
+    pipe.scheduler = backend._default_scheduler
+    if params.scheduler is not None:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[params.scheduler]).from_config(pipe.scheduler.config)
+    rng = np.random.default_rng(seed)
+    shape = (1, backend.facts.latent_channels, *(side // pipe.vae_scale_factor for side in pixels.shape[2:]))
+    output = pipe(
+        instruction,
+        image=torch.from_numpy((pixels + 1.0) / 2.0),  # diffusers wants [0, 1] tensors
+        num_inference_steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        image_guidance_scale=params.image_guidance_scale,
+        latents=torch.from_numpy(initial_latents(rng, shape)),
+        generator=torch.Generator().manual_seed(int(rng.integers(2**63))),  # ancestral noise only
+        output_type="np",
+    ).images[0]
+    return (output * 255.0).round().astype(np.uint8)

@@ -25,7 +25,7 @@ from core.errors import InvalidModel, ItsdError
 from core.inputs import InputFile, check_destination
 from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
-from core.options import edit_options
+from core.options import edit_options, tile_batch_option
 from core.params import EditParams
 from core.queue import Keys, check_broker_url
 from core.settings import Settings
@@ -95,6 +95,16 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
         **info,
         "batch_id": batch_id,
         "per_worker": per_worker(found),
+        "images": [
+            {
+                "output": r.output_uri,
+                "size": [r.width, r.height],
+                "working_size": [r.working_width, r.working_height],
+                "tiles": r.tiles,
+            }
+            for r in sorted(found, key=lambda r: r.output_uri or "")
+            if r.status == "done"
+        ],
         "failures": [
             {"job_id": r.job_id, "error_type": r.error_type, "error": r.error_message}
             for r in found
@@ -125,6 +135,7 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
 @click.option("--workers", "-w", type=click.IntRange(1, 64), default=1, show_default=True, help="Local workers.")
 @click.option("--broker", metavar="URL", help="Use this Redis instead of a private one (not read from the env).")
 @edit_options
+@tile_batch_option
 @click.option("--overwrite", is_flag=True, help="Recompute images whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def run(
@@ -135,6 +146,7 @@ def run(
     workers: int,
     broker: str | None,
     params: EditParams,
+    tile_batch: int,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -157,7 +169,14 @@ def run(
             url = check_broker_url(broker) if broker else stack.enter_context(RedisServer()).url
             connection = Broker(url, settings)
             local = [
-                LocalWorker(url, {name: str(artifacts)}, f"local{i}", logs / f"worker{i}.log") for i in range(workers)
+                LocalWorker(
+                    url,
+                    {name: str(artifacts)},
+                    f"local{i}",
+                    logs / f"worker{i}.log",
+                    extra_env={"ITSD_TILE_BATCH": str(tile_batch)},
+                )
+                for i in range(workers)
             ]
             for worker in local:
                 stack.callback(worker.stop)
@@ -174,6 +193,7 @@ def run(
                 "model_id": manifest.model_id,
                 "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
                 "workers": workers,
+                "tile_batch": tile_batch,
                 "total": submission.total,
                 "seconds": round(seconds, 2),
                 "images_per_s": round(counts["done"] / seconds, 3),

@@ -15,10 +15,16 @@ from core.params import EDIT_DEFAULTS_FILE, EditParams, check_edit_defaults, rea
 from core.settings import Settings
 
 
-def test_defaults_are_the_blogs_inference_settings():
+def test_defaults_are_the_blogs_inference_settings_at_the_inputs_own_size():
     params = EditParams().resolve({})
-    assert (params.steps, params.guidance_scale, params.image_guidance_scale, params.max_side) == (20, 7.0, 1.5, 512)
+    assert (params.steps, params.guidance_scale, params.image_guidance_scale, params.max_side) == (20, 7.0, 1.5, None)
     assert params.guided
+
+
+def test_a_model_may_ask_for_a_working_size_and_a_command_may_override_it():
+    model = check_edit_defaults({"max_side": 256}, "ckpt/edit_defaults.json")
+    assert EditParams().resolve(model).max_side == 256
+    assert EditParams(max_side=1024).resolve(model).max_side == 1024
 
 
 def test_unset_settings_come_from_the_model_and_set_ones_win():
@@ -37,6 +43,8 @@ def test_unset_settings_come_from_the_model_and_set_ones_win():
         ({"steps": True}, "steps must be an integer"),
         ({"guidance_scale": "7"}, "guidance_scale must be a number"),
         ({"steps": 0}, "steps must be 1..1000"),
+        ({"max_side": 255.5}, "max_side must be an integer"),
+        ({"max_side": 16}, "max_side must be 64"),
         ([1.0], "must be a JSON object"),
     ],
 )

@@ -37,7 +37,9 @@ def test_export_writes_every_component_and_a_manifest_with_parity_over_40_db(tin
     for path in [tiny_artifacts, *tiny_artifacts.rglob("*")]:  # readable by a worker running as another user
         assert stat.S_IMODE(path.stat().st_mode) == usual_mode(directory=path.is_dir()), path
     unet_profile = manifest.tensorrt_profiles["unet"]["sample"]
-    assert unet_profile["opt"] == [3, 8, 64, 64] and unet_profile["min"][0] == 1
+    assert manifest.native_size == 256  # sample size 32 x VAE scale 8: the tile every large image is cut into
+    assert unet_profile["opt"] == [3, 8, 32, 32] and unet_profile["min"][0] == 1
+    assert manifest.parity.tiles > 1 and manifest.parity.tiled_psnr_db >= 40.0
 
 
 def test_fp16_export_makes_the_unet_fp16_and_still_verifies(tiny_checkpoint, tmp_path):

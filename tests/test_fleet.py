@@ -137,6 +137,7 @@ def wait_done(client, bid: str, timeout: float = 180) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_a_pool_child_killed_mid_job_still_ends_with_exactly_one_output(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 1, size=(256, 256))
     client = redis_client(redis.url)
@@ -149,6 +150,7 @@ def test_a_pool_child_killed_mid_job_still_ends_with_exactly_one_output(redis, t
     assert files == ["p000.png"]  # one output, no half-written temporary left behind
 
 
+@pytest.mark.slow
 def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 1, size=(256, 256))
     client = redis_client(redis.url)
@@ -235,6 +237,7 @@ def test_storage_errors_are_retried_then_dead_lettered(redis, tiny_artifacts, tm
     assert entry["attempts"] == 2 and entry["error_type"] == "storage"
 
 
+@pytest.mark.slow
 def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 30, size=(128, 128))
     client = redis_client(redis.url)
@@ -268,6 +271,7 @@ def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis
     assert len(list((tmp_path / "out").rglob("*.png"))) == 30
 
 
+@pytest.mark.slow
 def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts, tmp_path):
     model = ["-m", str(tiny_artifacts)]
     done = subprocess.Popen(
@@ -373,6 +377,7 @@ def test_the_fleet_works_over_tls_with_checked_certificates(tiny_artifacts, tmp_
     assert run.returncode == 0 and "2 done" in run.stdout, run.stderr
 
 
+@pytest.mark.slow
 def test_the_demo_runs_the_bundled_model_exported_once_and_cached(tmp_path):
     from training.recipes.demo import write_demo_inputs
 
@@ -389,3 +394,5 @@ def test_the_demo_runs_the_bundled_model_exported_once_and_cached(tmp_path):
     assert "exporting" in logs[0] and "using the cached export" in logs[1] and "exporting" not in logs[1]
     (export,) = (tmp_path / "cache" / "exports").iterdir()
     assert json.loads((export / "manifest.json").read_text())["parity"]["psnr_db"] > 40
+    images = json.loads((tmp_path / "second" / "itsd-run.json").read_text())["images"]
+    assert len(images) == 15 and all(i["working_size"] == i["size"] == [64, 64] and i["tiles"] == 1 for i in images)

@@ -9,7 +9,16 @@ import pytest
 from PIL import Image
 
 from core.errors import ImageTooLarge, InputNotFound, InvalidImage
-from core.images import decode_image, encode_image, psnr, read_image_file, to_model_input, to_uint8, working_size
+from core.images import (
+    decode_image,
+    encode_image,
+    pad_to_multiple,
+    psnr,
+    read_image_file,
+    to_model_input,
+    to_uint8,
+    working_size,
+)
 from tests.conftest import photo
 
 
@@ -68,26 +77,32 @@ def test_a_missing_file_is_input_not_found(tmp_path):
 @pytest.mark.parametrize(
     ("size", "max_side", "expected"),
     [
+        ((4000, 3000), None, (4000, 3000)),  # the default: the input's own size
         ((512, 512), 512, (512, 512)),
-        ((451, 300), 512, (448, 320)),  # no upscaling, sides snapped to 64
+        ((451, 300), 512, (451, 300)),  # never enlarged
         ((4000, 3000), 512, (512, 384)),
         ((3000, 4000), 768, (576, 768)),
-        ((50, 40), 512, (64, 64)),
-        ((1000, 100), 512, (512, 64)),
+        ((20000, 300), 512, (512, 8)),  # a strip keeps its shape: it is padded, never stretched
+        ((20000, 3), 512, (512, 1)),
     ],
 )
-def test_working_size_keeps_aspect_and_snaps_to_64(size, max_side, expected):
+def test_working_size_keeps_the_input_size_or_shrinks_it_keeping_aspect(size, max_side, expected):
     assert working_size(*size, max_side) == expected
 
 
-def test_a_20000_pixel_panorama_strip_is_refused_with_a_reason():
-    with pytest.raises(ImageTooLarge, match="elongated"):
-        working_size(20000, 300, 512)
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (17, 9), (64, 64), (100, 70), (300, 20000)])
+def test_padding_mirrors_out_to_the_grid_and_keeps_the_image_in_the_top_left(width, height):
+    image = photo(width, height)
+    padded = pad_to_multiple(image, (width, height), 64)
+    assert padded.shape == (-(-height // 64) * 64, -(-width // 64) * 64, 3)
+    assert np.array_equal(padded[:height, :width], np.asarray(image))
+    if padded.shape[1] > width:  # the first padded column mirrors the last real one
+        assert np.array_equal(padded[:height, width], np.asarray(image)[:, -1])
 
 
 def test_model_input_round_trips_through_uint8():
     image = photo(64, 64)
-    pixels = to_model_input(image, (64, 64))
+    pixels = to_model_input(np.asarray(image))
     assert pixels.shape == (1, 3, 64, 64) and pixels.dtype == np.float32
     assert pixels.min() >= -1 and pixels.max() <= 1
     assert np.array_equal(to_uint8(pixels[0]), np.asarray(image))

@@ -83,6 +83,7 @@ def test_the_committed_model_is_a_safetensors_ip2p_checkpoint_under_30_mb():
         assert torch.isfinite(pipe.text_encoder(torch.tensor([[49406, 49407]]))[0]).all()
 
 
+@pytest.mark.slow
 def test_the_check_scores_own_and_unseen_phrasings_per_task_and_draws_the_figure(tiny_artifacts, tmp_path):
     from click.testing import CliRunner
 

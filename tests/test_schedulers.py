@@ -19,7 +19,7 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from core.errors import InvalidModel, InvalidParameters
 from core.params import SCHEDULERS
-from worker.schedulers import make_scheduler
+from core.schedulers import make_scheduler
 
 # timbrooks/instruct-pix2pix's scheduler_config.json (Stable Diffusion 1.5's betas), with its spacing made explicit.
 IP2P_CONFIG = {
@@ -198,7 +198,7 @@ def test_an_unknown_scheduler_name_is_a_parameter_error():
 
 
 def test_importing_the_schedulers_loads_neither_torch_nor_diffusers():
-    code = "import sys, worker.schedulers; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    code = "import sys, core.schedulers; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import photo
+from PIL import Image
 
 from core.errors import ProviderError
 from core.images import encode_image
@@ -19,25 +20,24 @@ from core.job import Job, job_id_for
 from core.params import EditParams
 from core.queue import Keys, forget_results, queue_for, record_result, redact, redis_client, status_counts
 from core.settings import Settings
+from core.standin import StandInModel
 from producer.local import RedisServer
 from worker.claims import Claim, owner_is_dead
 from worker.service import EditService, ModelSpec
 
 
-class Invert:
+class Invert(StandInModel):
     """A stand-in model: inverts the image, optionally slowly or failing with a transient error."""
 
-    edit_defaults: dict[str, float] = {}  # noqa: RUF012 (read only)
-
     def __init__(self, delay: float = 0.0, failures: int = 0) -> None:
+        super().__init__(transform=np.negative, on_image=self._called)
         self.delay, self.failures, self.calls = delay, failures, 0
 
-    def generate(self, pixels: np.ndarray, instruction: str, params: EditParams, seed: int) -> np.ndarray:
+    def _called(self) -> None:
         self.calls += 1
         time.sleep(self.delay)
         if self.calls <= self.failures:
             raise ProviderError("device lost")
-        return (255 - ((pixels[0].transpose(1, 2, 0) + 1) * 127.5)).clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,18 @@ def test_a_job_writes_its_output_and_records_a_done_result(client, tmp_path):
     assert Path(job.output_uri).is_file() and result["size_bytes"] == Path(job.output_uri).stat().st_size
     assert status_counts(client, Keys("batch1"))["done"] == 1
     assert {"read", "decode", "edit", "encode", "write"} <= set(result["timings"])
+
+
+def test_a_large_image_is_edited_at_its_own_size_in_tiles_and_the_result_records_them(client, tmp_path):
+    image = photo(150, 100, seed=3)
+    job = make_job(tmp_path, data=encode_image(image, "a.png"))
+    job = Job.from_dict({**job.to_dict(), "params": EditParams(steps=1, seed=0).to_dict()})
+    result = service(client, Invert()).handle(job.to_dict(), retries=0, worker="w")
+    assert result["status"] == "done" and (result["width"], result["height"]) == (150, 100)
+    assert (result["working_width"], result["working_height"]) == (150, 100)
+    assert result["tiles"] == 12  # padded to 192 x 128 in the stand-in's 64-px tiles: 4 x 3
+    inverted = 255 - np.asarray(image).astype(int)
+    assert np.abs(np.asarray(Image.open(job.output_uri)).astype(int) - inverted).max() <= 1
 
 
 def test_a_job_whose_output_exists_is_skipped_unless_overwrite(client, tmp_path):

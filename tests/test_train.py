@@ -488,6 +488,7 @@ def test_training_the_text_encoder_saves_it_in_final_and_resumes_exactly(tiny_ch
     assert all(torch.allclose(final[k], again[k], atol=1e-6) for k in final)  # its EMA resumed too
 
 
+@pytest.mark.slow
 def test_the_text_task_loss_keeps_the_tasks_apart_resumes_exactly_and_leaves_no_head_in_final(
     tiny_checkpoint, dataset, tmp_path
 ):

@@ -249,7 +249,9 @@ def train(cfg: TrainConfig) -> list[float]:
         finals = [accelerator.unwrap_model(model) for model in trained]
         if ema is not None:
             ema.copy_to(parameters_of(finals))
-        final = save_final(finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:2])
+        final = save_final(
+            finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:2], resolution=cfg.resolution
+        )
         write_edit_defaults(final, edit_defaults)
         if writer is not None:
             writer.close()
@@ -774,11 +776,21 @@ def build_pipeline(
     )
 
 
-def save_final(unet: torch.nn.Module, pretrained: Path, out: Path, text_encoder: torch.nn.Module | None = None) -> Path:
+def save_final(
+    unet: torch.nn.Module,
+    pretrained: Path,
+    out: Path,
+    text_encoder: torch.nn.Module | None = None,
+    resolution: int | None = None,
+) -> Path:
     """The diffusers IP2P checkpoint folder (safetensors): the trained UNet (and text encoder, when it was
     trained) with fp32 frozen parts reloaded from `pretrained`, so nothing passes through a half-precision
-    round trip."""
+    round trip. The UNet's sample size records the training `resolution` (in latents): the tile size that
+    export writes into the manifest and that large images are edited in."""
     fresh = load_models(pretrained, with_unet=False)
+    if resolution is not None:
+        vae_scale = 2 ** (len(fresh.vae.config.block_out_channels) - 1)
+        unet.register_to_config(sample_size=resolution // vae_scale)
     for model in (unet, text_encoder):
         if model is not None and model.dtype != torch.float32:
             model.to(dtype=torch.float32)

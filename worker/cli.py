@@ -10,14 +10,35 @@ import click
 from tqdm import tqdm
 
 from core.backends import BACKENDS, load_backend
-from core.edit import edit_image
+from core.edit import Tiling, edit_image
 from core.errors import ItsdError
 from core.images import encode_image, read_image_file
 from core.inputs import check_destination, expand
-from core.options import edit_options
+from core.options import edit_options, tile_batch_option
 from core.params import EditParams
 from core.settings import Settings
 from core.storage import write_atomic
+
+
+class TileProgress:
+    """A second bar, under the images bar, for one image's model calls on tiles (tiles x steps), shown only
+    for an image of more than a few calls and removed when it is done."""
+
+    def __init__(self, name: str, disable: bool) -> None:
+        self.name, self.disable, self.bar = name, disable, None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None and not self.disable and total > 8:
+            self.bar = tqdm(total=total, desc=self.name, unit="call", leave=False, file=sys.stderr, dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> TileProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @click.command()
@@ -46,6 +67,7 @@ from core.storage import write_atomic
     show_default=True,
     help="onnx: the artifacts a worker runs; torch: the diffusers pipeline, as a baseline.",
 )
+@tile_batch_option
 @click.option("--skip-existing", is_flag=True, help="Leave images whose output exists alone (resume a run).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def edit(
@@ -55,6 +77,7 @@ def edit(
     out: Path,
     params: EditParams,
     backend: str,
+    tile_batch: int,
     skip_existing: bool,
     quiet: bool,
 ) -> None:
@@ -78,7 +101,8 @@ def edit(
     for item in progress:
         try:
             image = read_image_file(item.path, settings.max_pixels)
-            result = edit_image(pipeline, image, instruction, params)
+            with TileProgress(item.relative.name, disable=quiet) as tiles:
+                result = edit_image(pipeline, image, instruction, params, Tiling(batch=tile_batch), tiles.update)
             write_atomic(out / item.relative, encode_image(result.image, item.relative.name))
         except (ItsdError, OSError) as exc:  # OSError: the output could not be written
             failures += 1

@@ -6,12 +6,14 @@ import json
 import logging
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from core.errors import ItsdError
 from core.manifest import Manifest
+from core.options import tile_batch_option
 from core.queue import Keys, check_broker_url, queue_for, redact, redis_client
 from core.settings import Settings
 from worker.service import ModelSpec
@@ -123,6 +125,7 @@ def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
     help="On SIGQUIT, seconds running jobs get to finish before they are handed back to the queue.",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Worker log level.")
+@tile_batch_option
 def worker(
     model_specs: tuple[str, ...],
     broker: str | None,
@@ -131,12 +134,14 @@ def worker(
     hostname: str | None,
     soft_shutdown_timeout: float,
     loglevel: str,
+    tile_batch: int,
 ) -> None:
     """Run a Celery worker that edits images with ONNX Runtime. Sessions load once per pool process,
     after the fork, with a warm-up edit; SIGTERM finishes running jobs, then stops."""
     try:
         url = check_broker_url(broker)
         models = parse_models(model_specs, device)
+        settings = replace(Settings.from_env(), tile_batch=tile_batch)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
-    serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel)
+    serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings)

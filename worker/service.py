@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from core.edit import Backend, edit_image
+from core.edit import Backend, Tiling, edit_image
 from core.errors import (
     InvalidImage,
     InvalidModel,
@@ -29,7 +29,7 @@ from core.errors import (
     SchemaError,
     TransientError,
 )
-from core.images import decode_image, encode_image, working_size
+from core.images import decode_image, encode_image
 from core.job import Job, Result
 from core.params import EditParams
 from core.queue import Keys, record_result
@@ -75,6 +75,7 @@ class EditService:
         self.client = client
         self.settings = settings
         self._loaded: dict[str, Backend] = {}
+        self.tiling = Tiling(batch=settings.tile_batch)
 
     def backend(self, name: str) -> Backend:
         if name not in self._loaded:
@@ -82,12 +83,15 @@ class EditService:
         return self._loaded[name]
 
     def warm_up(self) -> None:
-        """Load every model and run one small edit, so the first real job pays no start-up cost."""
+        """Load every model and run a one-step edit of one native tile (the shape every large photo's tiles
+        have), so the first real job pays no start-up cost."""
         from PIL import Image
 
         for name in self.models:
             start = time.perf_counter()
-            edit_image(self.backend(name), Image.new("RGB", (64, 64), (128, 128, 128)), "warm up", _WARM_UP)
+            backend = self.backend(name)
+            side = backend.facts.tile_size
+            edit_image(backend, Image.new("RGB", (side, side), (128, 128, 128)), "warm up", _WARM_UP, self.tiling)
             log.info("model %s ready (loaded and warmed up in %.1f s)", name, time.perf_counter() - start)
 
     # --- the task body ---------------------------------------------------------------------------
@@ -134,11 +138,10 @@ class EditService:
         data = self._read_input(job)
         watch.lap("read")
         image = decode_image(data, self.settings.max_pixels)
-        working_size(*image.size, job.params.max_side)  # refuse impossible shapes before loading anything
         watch.lap("decode")
         backend = self.backend(job.model)
         before = dict(getattr(backend, "timings", {}))
-        edit = edit_image(backend, image, job.instruction, job.params)
+        edit = edit_image(backend, image, job.instruction, job.params, self.tiling)
         watch.lap("edit")
         for stage, seconds in getattr(backend, "timings", {}).items():
             watch.timings[f"edit.{stage}"] = round(seconds - before.get(stage, 0.0), 6)
@@ -159,6 +162,9 @@ class EditService:
             height=height,
             size_bytes=len(encoded),
             seed=edit.seed,
+            working_width=edit.working_size[0],
+            working_height=edit.working_size[1],
+            tiles=edit.tiles,
             timings=watch.timings,
             finished_at=time.time(),
         )
@@ -216,4 +222,4 @@ class EditService:
         return result.to_dict()
 
 
-_WARM_UP = EditParams(steps=1, seed=0, max_side=64)
+_WARM_UP = EditParams(steps=1, seed=0)

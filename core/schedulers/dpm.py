@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from worker.schedulers.common import (
+from core.schedulers.common import (
     BASE_CHOICES,
     BASE_DEFAULTS,
     final_sigma,

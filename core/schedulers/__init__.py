@@ -13,9 +13,9 @@ import numpy as np
 
 from core.errors import InvalidModel, InvalidParameters
 from core.params import SCHEDULERS
-from worker.schedulers.ddim import DDIMScheduler
-from worker.schedulers.dpm import DPMSolverMultistepScheduler
-from worker.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from core.schedulers.ddim import DDIMScheduler
+from core.schedulers.dpm import DPMSolverMultistepScheduler
+from core.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 
 class Scheduler(Protocol):

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from worker.schedulers.common import (
+from core.schedulers.common import (
     BASE_CHOICES,
     BASE_DEFAULTS,
     alphas_cumprod,
