@@ -567,6 +567,17 @@ def test_final_carries_the_configs_edit_defaults_else_the_bases(tiny_checkpoint,
     assert read_edit_defaults(tmp_path / "again" / "final") == {**defaults, "steps": 4}  # fine-tuned, kept
 
 
+def test_final_records_the_tile_side_the_model_edits_in_as_its_unet_sample_size(tiny_checkpoint, dataset, tmp_path):
+    from training.train import train
+
+    def sample_size(run: str) -> int:
+        return json.loads((tmp_path / run / "final" / "unet" / "config.json").read_text())["sample_size"]
+
+    train(tiny_config(tiny_checkpoint, dataset, tmp_path / "trained", max_train_steps=1))
+    train(tiny_config(tiny_checkpoint, dataset, tmp_path / "wider", max_train_steps=1, native_size=128))
+    assert (sample_size("trained"), sample_size("wider")) == (64 // 8, 128 // 8)  # the training resolution, else
+
+
 @pytest.mark.parametrize(
     ("defaults", "reason"),
     [({"steps": 2.5}, "steps must be an integer"), ({"strength": 0.5}, "unknown edit default.*strength")],

@@ -60,6 +60,8 @@ class TrainConfig:
     # photos the UNet otherwise learns their colours from their textures instead of copying the input's
     resize_before_crop: bool = True  # short side to `resolution` first; False: crop at native scale (keeps the
     # size of noise, streaks and blur as prepared, e.g. 128-px patches of 256-px rows for a model run at 256)
+    native_size: int = 0  # px of the tiles the model edits in, recorded as final/'s UNet sample size (times the
+    # VAE scale); 0: `resolution`. Set it where the model is run on larger images than its patches
     # --- optimisation
     train_batch_size: int = 2  # per device; with grad-accum 4 the reference's effective batch of 8
     gradient_accumulation_steps: int = 4
@@ -121,6 +123,10 @@ class TrainConfig:
         problems = []
         if self.resolution <= 0 or self.resolution % 8:
             problems.append(f"resolution must be a positive multiple of 8 (got {self.resolution})")
+        if self.native_size < 0 or self.native_size % 8:
+            problems.append(
+                f"native_size must be 0 (the resolution) or a positive multiple of 8 (got {self.native_size})"
+            )
         if not 0.0 <= self.conditioning_dropout_prob <= 1 / 3:
             problems.append(f"conditioning_dropout_prob must be in [0, 1/3] (got {self.conditioning_dropout_prob})")
         if not 0.0 <= self.instruction_word_dropout < 1:

@@ -250,7 +250,11 @@ def train(cfg: TrainConfig) -> list[float]:
         if ema is not None:
             ema.copy_to(parameters_of(finals))
         final = save_final(
-            finals[0], Path(cfg.pretrained), output_dir / "final", *finals[1:2], resolution=cfg.resolution
+            finals[0],
+            Path(cfg.pretrained),
+            output_dir / "final",
+            *finals[1:2],
+            native_size=cfg.native_size or cfg.resolution,
         )
         write_edit_defaults(final, edit_defaults)
         if writer is not None:
@@ -781,16 +785,16 @@ def save_final(
     pretrained: Path,
     out: Path,
     text_encoder: torch.nn.Module | None = None,
-    resolution: int | None = None,
+    native_size: int | None = None,
 ) -> Path:
     """The diffusers IP2P checkpoint folder (safetensors): the trained UNet (and text encoder, when it was
     trained) with fp32 frozen parts reloaded from `pretrained`, so nothing passes through a half-precision
-    round trip. The UNet's sample size records the training `resolution` (in latents): the tile size that
+    round trip. The UNet's sample size records `native_size` (px, stored in latents): the tile side that
     export writes into the manifest and that large images are edited in."""
     fresh = load_models(pretrained, with_unet=False)
-    if resolution is not None:
+    if native_size is not None:
         vae_scale = 2 ** (len(fresh.vae.config.block_out_channels) - 1)
-        unet.register_to_config(sample_size=resolution // vae_scale)
+        unet.register_to_config(sample_size=native_size // vae_scale)
     for model in (unet, text_encoder):
         if model is not None and model.dtype != torch.float32:
             model.to(dtype=torch.float32)
