@@ -193,3 +193,15 @@ def test_unset_steps_and_guidance_are_the_models_own_on_each_backend(tiny_checkp
     assert np.array_equal(images["model"], images["explicit"])
     assert psnr(images["torch"], images["model"]) >= 40.0
     assert not np.array_equal(images["model"], images["project"])  # 20 steps at 7.0 / 1.5
+
+
+def test_a_large_image_is_edited_at_its_own_size_in_tiles_with_a_progress_bar(tiny_artifacts, tmp_path):
+    (tmp_path / "in").mkdir()
+    photo(700, 300, seed=5).save(tmp_path / "in" / "wide.png")  # 8 tiles of 256 px: beyond the old 512-px cap
+    result = run_edit(
+        tmp_path / "in", "--model", tiny_artifacts, "-i", "x", "--out", tmp_path / "out",
+        "--steps", "2", "--seed", "0", "--tile-batch", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out" / "wide.png").size == (700, 300)
+    assert "wide.png" in result.output and "/24 " in result.output  # 8 encodes, 2 steps x 4 batches, 8 decodes
