@@ -10,6 +10,7 @@ the model it was submitted for (whose hash covers the file).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -35,6 +36,10 @@ PROJECT_DEFAULTS: dict[str, float] = {
 MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side")  # what a model's edit_defaults.json may set
 
 
+_WHOLE = ("steps", "seed", "max_side")  # EditParams fields that must be integers (bools are not)
+_NUMBERS = ("guidance_scale", "image_guidance_scale")  # and those that must be finite numbers
+
+
 @dataclass(frozen=True)
 class EditParams:
     steps: int | None = None  # None: the model's default, else PROJECT_DEFAULTS (as the two scales)
@@ -47,6 +52,18 @@ class EditParams:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in (*_WHOLE, *_NUMBERS):
+            value, whole = getattr(self, name), name in _WHOLE
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+                problems.append(f"{name} must be {'an integer' if whole else 'a number'}, got {value!r}")
+            elif not math.isfinite(value):
+                problems.append(f"{name} must be finite, got {value!r}")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            problems.append(f"scheduler must be a name, got {self.scheduler!r}")
+        if problems:  # the ranges below can only be checked on values of the right type
+            raise InvalidParameters("; ".join(problems))
         if self.steps is not None and not 1 <= self.steps <= 1000:
             problems.append(f"steps must be 1..1000, got {self.steps}")
         if any(scale is not None and scale < 0 for scale in (self.guidance_scale, self.image_guidance_scale)):
@@ -93,10 +110,6 @@ def check_edit_defaults(data: Any, where: str) -> dict[str, float]:
         raise InvalidModel(
             f"{where}: unknown edit default(s) {', '.join(unknown)}; a model may set {', '.join(MODEL_DEFAULTS)}"
         )
-    for name, value in data.items():
-        whole = name in ("steps", "max_side")
-        if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
-            raise InvalidModel(f"{where}: {name} must be {'an integer' if whole else 'a number'}, got {value!r}")
     try:
         EditParams(**data)
     except InvalidParameters as exc:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path, PurePosixPath
 
 import pytest
+from PIL import Image
 
 from core.errors import InputNotFound, InvalidModel, InvalidParameters, PermanentError, SchemaError, TransientError
 from core.inputs import expand, safe_relative
@@ -63,11 +64,38 @@ def test_edit_defaults_file_is_optional_and_checked(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"steps": 0}, {"guidance_scale": -1}, {"scheduler": "plms"}, {"max_side": 32}, {"seed": -1}]
+    ("kwargs", "reason"),
+    [
+        ({"steps": 0}, "steps must be 1..1000"),
+        ({"guidance_scale": -1}, "guidance scales must be >= 0"),
+        ({"scheduler": "plms"}, "unknown scheduler"),
+        ({"max_side": 32}, "max_side must be 64"),
+        ({"seed": -1}, "seed must be in"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be finite"),
+        ({"image_guidance_scale": float("nan")}, "image_guidance_scale must be finite"),
+        ({"guidance_scale": "7"}, "guidance_scale must be a number"),
+        ({"steps": 1.5}, "steps must be an integer"),
+        ({"steps": True}, "steps must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"max_side": 100.5}, "max_side must be an integer"),
+        ({"scheduler": 5}, "scheduler must be a name"),
+    ],
 )
-def test_bad_parameters_are_refused_with_a_reason(kwargs):
-    with pytest.raises(InvalidParameters):
+def test_bad_parameters_are_refused_naming_the_field(kwargs, reason):
+    with pytest.raises(InvalidParameters, match=reason):
         EditParams(**kwargs)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e309"])
+def test_a_non_finite_guidance_on_the_command_line_is_refused_not_run(value, tmp_path):
+    from click.testing import CliRunner
+
+    from producer.cli import itsd
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    args = ["edit", str(tmp_path / "a.png"), "-m", str(tmp_path), "-i", "x", "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(itsd, [*args, "--guidance-scale", value])
+    assert result.exit_code == 2 and "guidance_scale must be finite" in result.output, result.output
 
 
 def test_guidance_is_off_exactly_when_diffusers_turns_it_off():
