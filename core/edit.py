@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from core.errors import InvalidOutput
 from core.images import pad_to_multiple, restore_size, to_model_input, to_uint8, working_size
 from core.params import LATENT_MULTIPLE, EditParams
 from core.schedulers import make_scheduler
@@ -169,6 +170,8 @@ def generate(
     for tile, pixel_tile in zip(layout.tiles, pixel_layout.tiles, strict=True):
         decoded.add(pixel_tile, backend.decode(np.ascontiguousarray(tile.window(latents)))[0])
         count.step()
+    if not np.isfinite(decoded.array).all():  # NaN would be written as black and reported done
+        raise InvalidOutput("the model's output has NaN or infinite values (broken weights or an overflowing graph)")
     return to_uint8(decoded.array[0])
 
 

@@ -56,6 +56,12 @@ class ParityError(ExportFailed):
     code = "parity"
 
 
+class InvalidOutput(PermanentError):
+    """The model's output is not an image (NaN or infinite values: broken weights, an overflowing fp16 graph)."""
+
+    code = "invalid_output"
+
+
 class SchemaError(PermanentError):
     """A job, result or manifest that does not match the schema this version reads."""
 

@@ -98,6 +98,14 @@ def test_a_large_image_is_edited_at_its_own_size_in_tiles_and_the_result_records
     assert np.abs(np.asarray(Image.open(job.output_uri)).astype(int) - inverted).max() <= 1
 
 
+def test_a_model_that_outputs_nan_fails_the_job_and_writes_nothing(client, tmp_path):
+    job = make_job(tmp_path)
+    broken = StandInModel(transform=lambda x: np.full_like(x, np.nan))
+    result = service(client, broken).handle(job.to_dict(), retries=0, worker="w")
+    assert (result["status"], result["error_type"]) == ("failed", "invalid_output")
+    assert not Path(job.output_uri).exists()
+
+
 def test_a_job_whose_output_exists_is_skipped_unless_overwrite(client, tmp_path):
     job = make_job(tmp_path)
     Path(job.output_uri).parent.mkdir(parents=True)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from core.edit import Tiling, edit_image, generate, initial_latents, plan
+from core.errors import InvalidOutput
 from core.images import psnr, to_model_input, to_uint8
 from core.params import EditParams
 from core.schedulers import make_scheduler
@@ -158,3 +159,9 @@ def test_max_side_shrinks_first_and_the_output_is_resized_back():
     image = Image.fromarray(np.full((300, 400, 3), 90, np.uint8))
     edit = edit_image(StandInModel(), image, "x", EditParams(steps=1, seed=0, max_side=200))
     assert edit.working_size == (200, 150) and edit.image.size == (400, 300)
+
+
+def test_a_model_that_outputs_nan_fails_the_edit_instead_of_writing_black():
+    broken = StandInModel(transform=lambda x: np.full_like(x, np.nan))
+    with pytest.raises(InvalidOutput, match="NaN"):
+        edit_image(broken, photo(100, 70), "x", EditParams(steps=1, seed=0))
