@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from core.errors import InvalidParameters
-from core.params import PROJECT_DEFAULTS, SCHEDULERS, EditParams
+from core.params import LATENT_MULTIPLE, MAX_SIDE, PROJECT_DEFAULTS, SCHEDULERS, EditParams
 
 
 def _model_default(name: str) -> str:
@@ -48,7 +48,7 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--max-side",
-            type=click.IntRange(64, 4096),
+            type=click.IntRange(LATENT_MULTIPLE, MAX_SIDE),
             default=None,
             help="Shrink first so the longest side is at most this (faster, coarser); the output is resized back "
             "to the input's size. [default: the model's (edit_defaults.json), else the input's own size, in tiles]",

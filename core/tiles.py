@@ -40,8 +40,7 @@ class Axis:
         if size == length:
             return cls(length, size, (0,))
         overlap = min(max(overlap, 0), size - 1)
-        count = math.ceil((length - overlap) / (size - overlap))
-        count = max(count, 2)
+        count = math.ceil((length - overlap) / (size - overlap))  # >= 2, as size < length
         return cls(length, size, tuple(round(i * (length - size) / (count - 1)) for i in range(count)))
 
     @cached_property
@@ -98,10 +97,6 @@ class Layout:
         """Tiles of `tile` x `tile` cells (each side at most the grid's) over a height x width grid."""
         overlap = round(tile * OVERLAP_FRACTION) if overlap is None else overlap
         return cls(Axis.plan(height, tile, overlap), Axis.plan(width, tile, overlap))
-
-    @property
-    def tile_shape(self) -> tuple[int, int]:
-        return self.rows.size, self.columns.size
 
     def __len__(self) -> int:
         return len(self.rows.starts) * len(self.columns.starts)

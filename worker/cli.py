@@ -65,7 +65,7 @@ class TileProgress:
     type=click.Choice(list(BACKENDS)),
     default="onnx",
     show_default=True,
-    help="onnx: the artifacts a worker runs; torch: the diffusers pipeline, as a baseline.",
+    help="onnx: the artifacts a worker runs; torch: the checkpoint's own torch modules in the same loop, a baseline.",
 )
 @tile_batch_option
 @click.option("--skip-existing", is_flag=True, help="Leave images whose output exists alone (resume a run).")
