@@ -1,7 +1,8 @@
 """Jobs and results: frozen dataclasses that travel as JSON (never pickle), with a schema version.
 
 A job's id is a hash of everything that decides its output (input bytes, instruction, parameters and
-model identity), so the same work submitted twice has the same id and can be recognised as done.
+model identity) and of the output's key, so the same work submitted twice has the same id and can be
+recognised as done, and two inputs with the same bytes at two paths are two jobs with two outputs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ Status = Literal["done", "skipped", "failed", "cancelled"]
 FINAL_STATUSES = ("done", "skipped", "failed", "cancelled")
 
 
-def job_id_for(input_digest: str, instruction: str, params: EditParams, model_id: str) -> str:
-    """Deterministic id: sha256 over a canonical JSON of what determines the output."""
+def job_id_for(input_digest: str, instruction: str, params: EditParams, model_id: str, output_key: str) -> str:
+    """Deterministic id: sha256 over a canonical JSON of what determines the output, and where it goes."""
     canonical = json.dumps(
-        {"input": input_digest, "instruction": instruction, "params": params.to_dict(), "model": model_id},
+        {
+            "input": input_digest,
+            "instruction": instruction,
+            "params": params.to_dict(),
+            "model": model_id,
+            "output": output_key,
+        },
         sort_keys=True,
         separators=(",", ":"),
     )

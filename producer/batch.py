@@ -80,7 +80,7 @@ def _job_for(source: Source, destination: str, model: str, model_id: str, inline
     """Read and hash one input; `inline` > 0 carries the bytes in the job (at most that many)."""
     data = read_uri(source.uri)
     digest = hashlib.sha256(data).hexdigest()
-    job_id = job_id_for(digest, source.instruction, source.params, model_id)
+    job_id = job_id_for(digest, source.instruction, source.params, model_id, str(source.relative))
     if inline and len(data) > inline:
         raise InvalidParameters(f"{len(data)} bytes is over the inline limit of {inline} (ITSD_INLINE_MAX_BYTES)")
     return Job(

@@ -81,7 +81,8 @@ def _row_params(row: dict[str, Any], params: EditParams) -> EditParams:
     return EditParams.from_dict({**params.to_dict(), **overrides})
 
 
-def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | InvalidParameters]]:
+    """Each row with its line number; a JSONL line that is no JSON object comes as its error, to fail alone."""
     with path.open(newline="", encoding="utf-8") as handle:
         if path.suffix == ".csv":
             yield from enumerate(csv.DictReader(handle), start=2)
@@ -91,10 +92,9 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InvalidParameters(f"{path}:{number}: not JSON: {exc.msg}") from None
-                if not isinstance(row, dict):
-                    raise InvalidParameters(f"{path}:{number}: a row must be a JSON object")
-                yield number, row
+                    yield number, InvalidParameters(f"not JSON: {exc.msg}")
+                    continue
+                yield number, row if isinstance(row, dict) else InvalidParameters("a row must be a JSON object")
 
 
 def _from_manifest(path: Path, instruction: str, params: EditParams) -> tuple[list[Source], list[Rejected]]:
@@ -102,13 +102,15 @@ def _from_manifest(path: Path, instruction: str, params: EditParams) -> tuple[li
     for number, row in _manifest_rows(path):
         where = f"{path}:{number}"
         try:
+            if isinstance(row, InvalidParameters):
+                raise row
             unknown = set(row) - {"input", "instruction", "output"} - set(PARAM_PARSERS)
             if unknown:
                 raise InvalidParameters(f"unknown column(s): {', '.join(sorted(unknown))}")
             value = str(row.get("input") or "")
             if not value:
                 raise InvalidParameters("no input")
-            uri = value if "://" in value else str(path.parent / value)
+            uri = value if "://" in value else str((path.parent / value).absolute())  # not the worker's folder
             text = str(row.get("instruction") or instruction).strip()
             if not text:
                 raise InvalidParameters("empty instruction")
@@ -134,7 +136,8 @@ def collect_sources(inputs: list[str], instruction: str, params: EditParams) -> 
         else:
             plain.append(value)
     if plain:
-        sources += [Source(str(item.path), item.relative, instruction, params) for item in expand(plain)]
+        # absolute: a worker runs in a folder of its own, and would read a relative path there
+        sources += [Source(str(item.path.absolute()), item.relative, instruction, params) for item in expand(plain)]
     keys: dict[PurePosixPath, str] = {}
     for source in sources:
         other = keys.setdefault(source.relative, source.uri)

@@ -15,15 +15,17 @@ from producer.local import LocalWorker, RedisServer, wait_registered
 REPO = Path(__file__).resolve().parent.parent
 
 
-def itsd(url: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the real `itsd` CLI in a subprocess against the broker at URL."""
+def itsd(
+    url: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Run the real `itsd` CLI in a subprocess against the broker at URL, in folder `cwd`."""
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
         env={**os.environ, **(env or {}), "ITSD_BROKER_URL": url},
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
     )
 
 
@@ -46,6 +48,6 @@ def workers(
             worker.stop(grace=20)
 
 
-def submit(url: str, inputs: Path, out: Path, instruction: str, *options: str, model: str = "a"):
+def submit(url: str, inputs: Path, out: Path, instruction: str, *options: str, model: str = "a", cwd: Path = REPO):
     """`itsd submit INPUTS -i INSTRUCTION -m MODEL -o OUT [options]` against the broker at URL."""
-    return itsd(url, "submit", str(inputs), "-i", instruction, "-m", model, "-o", str(out), *options)
+    return itsd(url, "submit", str(inputs), "-i", instruction, "-m", model, "-o", str(out), *options, cwd=cwd)

@@ -124,21 +124,17 @@ def test_a_result_survives_json():
     assert Result.from_dict(json.loads(json.dumps(result.to_dict()))) == result
 
 
-def test_job_ids_change_with_anything_that_changes_the_output():
-    base = job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1")
-    assert base == job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1")
-    assert (
-        len(
-            {
-                base,
-                job_id_for("abd", "Cartoonize", EditParams(seed=1), "m1"),
-                job_id_for("abc", "Derain", EditParams(seed=1), "m1"),
-                job_id_for("abc", "Cartoonize", EditParams(seed=2), "m1"),
-                job_id_for("abc", "Cartoonize", EditParams(seed=1), "m2"),
-            }
-        )
-        == 5
-    )
+def test_job_ids_change_with_anything_that_changes_the_output_or_where_it_goes():
+    base = job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1", "a.png")
+    assert base == job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1", "a.png")
+    others = {
+        job_id_for("abd", "Cartoonize", EditParams(seed=1), "m1", "a.png"),
+        job_id_for("abc", "Derain", EditParams(seed=1), "m1", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=2), "m1", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=1), "m2", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1", "copy/a.png"),  # the same bytes elsewhere
+    }
+    assert len(others | {base}) == 6
 
 
 def test_settings_read_the_environment():

@@ -102,6 +102,17 @@ def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_
     assert len(list((tmp_path / "out").rglob("*.png"))) == 4
 
 
+def test_identical_files_at_two_paths_and_a_relative_input_each_get_their_own_output(redis, tiny_artifacts, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        photo(64, 48, seed=1).save(tmp_path / "in" / folder / "same.png")  # the same bytes twice
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):  # the workers run in the repository's folder
+        run = submit(redis.url, Path("in"), tmp_path / "out", "Cartoonize", "--wait", *STEPS, cwd=tmp_path)
+    assert run.returncode == 0 and "2 done" in run.stdout, run.stdout + run.stderr
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a/same.png", "b/same.png"]
+
+
 def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 6)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, {"b": str(second_artifacts)}):

@@ -63,7 +63,7 @@ def make_job(tmp_path: Path, name: str = "a.png", data: bytes | None = None, **f
     source.parent.mkdir(parents=True, exist_ok=True)
     source.write_bytes(encode_image(photo(64, 64), name) if data is None else data)
     params = EditParams(steps=1, seed=0, max_side=64)
-    job_id = job_id_for(name, "invert", params, "model-1")
+    job_id = job_id_for(name, "invert", params, "model-1", name)
     return Job(
         job_id,
         "batch1",
