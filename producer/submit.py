@@ -19,7 +19,7 @@ from core.inputs import safe_relative
 from core.job import Job
 from core.options import edit_options
 from core.params import EditParams
-from core.queue import Keys, check_broker_url
+from core.queue import Keys, check_broker_url, redact
 from core.settings import Settings
 from core.storage import write_atomic
 from producer.batch import Broker, Submission, batch_record, cancel_batch, per_worker, progress, results, submit_batch
@@ -48,8 +48,13 @@ def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def wait_for(broker: Broker, batch_id: str, quiet: bool = False, poll: float = 0.5) -> dict[str, int]:
-    """Block until every job of the batch is final, with a progress bar (done, failed, images/s, ETA)."""
+    """Block until every job of the batch is final, with a progress bar (done, failed, images/s, ETA). While
+    Redis is unreachable it says so on one line and keeps waiting, as the workers do; Ctrl-C stops it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     total, counts = progress(broker.client, batch_id)
+    unreachable = False
     with tqdm(total=total, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
         while True:
             finished = sum(counts.values())
@@ -58,7 +63,18 @@ def wait_for(broker: Broker, batch_id: str, quiet: bool = False, poll: float = 0
             if finished >= total:
                 return counts
             time.sleep(poll)
-            total, counts = progress(broker.client, batch_id)
+            try:
+                total, counts = progress(broker.client, batch_id)
+            except (RedisConnectionError, RedisTimeoutError):
+                if not unreachable:
+                    bar.write(
+                        f"Redis at {redact(broker.url)} is unreachable; waiting for it (Ctrl-C stops)", sys.stderr
+                    )
+                unreachable = True
+                continue
+            if unreachable:
+                bar.write("Redis is back; carrying on", sys.stderr)
+                unreachable = False
 
 
 def describe(counts: dict[str, int], total: int) -> str:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,6 +250,19 @@ def test_storage_errors_are_retried_then_dead_lettered(redis, tiny_artifacts, tm
 
 
 @pytest.mark.slow
+def test_a_job_retried_past_celerys_default_limit_still_ends_failed_and_dead_lettered(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 1)
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    env = {"ITSD_MAX_RETRIES": "4"}  # Celery's default limit is 3: one limit must hold end to end
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
+    assert run.returncode == 1 and "storage: " in run.stderr
+    dead = [json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)]
+    entry = next(e for e in dead if e["job"]["input_uri"].startswith(str(tmp_path)))
+    assert entry["attempts"] == 5 and entry["error_type"] == "storage"
+
+
+@pytest.mark.slow
 def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 30, size=(128, 128))
     client = redis_client(redis.url)
@@ -407,3 +421,32 @@ def test_the_demo_runs_the_bundled_model_exported_once_and_cached(tmp_path):
     assert json.loads((export / "manifest.json").read_text())["parity"]["psnr_db"] > 40
     images = json.loads((tmp_path / "second" / "itsd-run.json").read_text())["images"]
     assert len(images) == 15 and all(i["working_size"] == i["size"] == [64, 64] and i["tiles"] == 1 for i in images)
+
+
+def test_submit_wait_says_so_while_redis_is_down_and_carries_on_when_it_is_back(tmp_path, capsys):
+    import redis
+
+    from core.job import Result
+    from core.queue import record_result
+    from core.settings import Settings
+    from producer.batch import Broker
+    from producer.submit import wait_for
+
+    with RedisServer(tmp_path, appendonly=True) as server:
+        broker, keys = Broker(server.url, Settings()), Keys("b1")
+        # itsd's client rides out a minute of downtime on its own; one that gives up at once stands for a longer one
+        broker.client = redis.Redis.from_url(server.url, socket_connect_timeout=1)
+        broker.client.hset(keys.batch, mapping={"total": 1})
+        counts: dict[str, int] = {}
+        waiting = threading.Thread(target=lambda: counts.update(wait_for(broker, "b1", quiet=True, poll=0.2)))
+        waiting.start()
+        time.sleep(0.5)
+        server.stop()  # down for a while, then back on the same port with its data
+        time.sleep(2.0)
+        server.start()
+        record_result(redis_client(server.url), keys, Result("j1", "done").to_dict(), 60)
+        waiting.join(timeout=60)
+    assert not waiting.is_alive() and counts["done"] == 1
+    err = capsys.readouterr().err
+    assert err.count("is unreachable; waiting for it") == 1 and "Redis is back" in err
+    assert server.password not in err

@@ -36,7 +36,10 @@ def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_sh
         try:
             return service.handle(payload, task.request.retries, task.request.hostname or "worker")
         except TransientError as exc:
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=None) from exc
+            # Celery's own limit is ours: with its default (3) it re-raised before ITSD_MAX_RETRIES, and the job
+            # was never recorded (the service records it failed and dead-letters it after the last attempt)
+            retry = task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=settings.max_retries)
+            raise retry from exc
 
     @worker_process_init.connect(weak=False)
     def load_models(**_: Any) -> None:
