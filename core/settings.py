@@ -36,6 +36,7 @@ class Settings:
     max_retries: int = 5  # ITSD_MAX_RETRIES: transient failures retried before the job is dead-lettered
     result_expires: int = 7 * 24 * 3600  # ITSD_RESULT_EXPIRES: seconds results and batch records are kept
     inline_max_bytes: int = 4 * 2**20  # ITSD_INLINE_MAX_BYTES: cap on an image sent inline (--inline)
+    max_input_bytes: int = 256 * 2**20  # ITSD_MAX_INPUT_BYTES: larger input files are refused before reading
     tile_batch: int = 1  # ITSD_TILE_BATCH: tiles per UNet call (each with its guidance copies); more helps GPUs
 
     @classmethod
@@ -52,5 +53,6 @@ class Settings:
             max_retries=_positive_int(env, "ITSD_MAX_RETRIES", cls.max_retries),
             result_expires=_positive_int(env, "ITSD_RESULT_EXPIRES", cls.result_expires),
             inline_max_bytes=_positive_int(env, "ITSD_INLINE_MAX_BYTES", cls.inline_max_bytes),
+            max_input_bytes=_positive_int(env, "ITSD_MAX_INPUT_BYTES", cls.max_input_bytes),
             tile_batch=_positive_int(env, "ITSD_TILE_BATCH", cls.tile_batch),
         )

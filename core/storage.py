@@ -4,11 +4,12 @@ so a reader never sees half a file: a temporary sibling then an atomic rename, o
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import InputNotFound, InvalidParameters, StorageError
+from core.errors import ImageTooLarge, InputNotFound, InvalidImage, InvalidParameters, StorageError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once: temporary files and folders are private until published
@@ -60,19 +61,36 @@ def join_uri(destination: str, relative: str) -> str:
     return destination.rstrip("/") + "/" + relative
 
 
-def read_uri(uri: str) -> bytes:
+def read_uri(uri: str, max_bytes: int) -> bytes:
+    """The bytes at `uri`; a device, FIFO or socket, or anything over `max_bytes`, is refused before reading."""
     local = _local_path(uri)
     try:
         if local is not None:
-            return local.read_bytes()
-        fs, path = remote_fs(uri)
-        return fs.cat_file(path)
+            info = local.stat()
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidImage(f"{uri}: not a regular file (a device, FIFO or socket)")
+            _check_size(uri, info.st_size, max_bytes)
+            with local.open("rb") as handle:
+                data = handle.read(max_bytes + 1)  # the file may have grown since stat
+        else:
+            fs, path = remote_fs(uri)
+            _check_size(uri, fs.size(path) or 0, max_bytes)
+            data = fs.cat_file(path)
+        _check_size(uri, len(data), max_bytes)
+        return data
     except FileNotFoundError:
         raise InputNotFound(f"{uri}: no such file") from None
     except IsADirectoryError:
         raise InputNotFound(f"{uri}: is a folder, not an image") from None
     except OSError as exc:
         raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from None
+
+
+def _check_size(uri: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageTooLarge(f"{uri}: {size} bytes is over the input limit of {max_bytes} (ITSD_MAX_INPUT_BYTES)")
 
 
 def uri_exists(uri: str) -> bool:

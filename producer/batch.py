@@ -76,9 +76,11 @@ def _failure_id(where: str) -> str:
     return "x" + hashlib.sha256(where.encode()).hexdigest()[:31]
 
 
-def _job_for(source: Source, destination: str, model: str, model_id: str, inline: int, overwrite: bool) -> Job:
-    """Read and hash one input; `inline` > 0 carries the bytes in the job (at most that many)."""
-    data = read_uri(source.uri)
+def _job_for(
+    source: Source, destination: str, model: str, model_id: str, inline: int, overwrite: bool, max_bytes: int
+) -> Job:
+    """Read and hash one input (at most `max_bytes`); `inline` > 0 carries the bytes in the job (at most that many)."""
+    data = read_uri(source.uri, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     job_id = job_id_for(digest, source.instruction, source.params, model_id, str(source.relative))
     if inline and len(data) > inline:
@@ -118,7 +120,10 @@ def submit_batch(
     ]
     limit = settings.inline_max_bytes if inline else 0
     with ThreadPoolExecutor(READERS) as pool:
-        futures = [pool.submit(_job_for, s, destination, model, model_id, limit, overwrite) for s in sources]
+        futures = [
+            pool.submit(_job_for, s, destination, model, model_id, limit, overwrite, settings.max_input_bytes)
+            for s in sources
+        ]
         for source, future in zip(sources, futures, strict=True):
             try:
                 jobs.append(future.result())

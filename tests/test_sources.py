@@ -1,13 +1,17 @@
-"""Turning inputs and manifests into sources: every local path absolute, a bad manifest line failing alone."""
+"""Inputs: every local path absolute, a bad manifest line failing alone, and no read that cannot end."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from core.errors import ImageTooLarge, InvalidImage
 from core.params import EditParams
+from core.storage import read_uri
 from producer.sources import collect_sources
 
 
@@ -31,3 +35,24 @@ def test_a_malformed_jsonl_line_fails_alone_with_its_line_number(tmp_path):
         ("2", "not JSON: Expecting property name enclosed in double quotes"),
         ("3", "a row must be a JSON object"),
     ]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
+def test_an_input_that_is_no_regular_file_or_too_large_is_refused_before_reading(tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "pipe.png"
+        os.mkfifo(path)  # reading it would block forever
+        error, reason = InvalidImage, "not a regular file"
+    elif kind == "device":
+        path, error, reason = Path("/dev/zero"), InvalidImage, "not a regular file"  # reading it never ends
+    else:
+        path = tmp_path / "big.png"
+        path.write_bytes(b"\0" * 2048)
+        error, reason = ImageTooLarge, "2048 bytes is over the input limit of 1024"
+    with pytest.raises(error, match=reason):
+        read_uri(str(path), max_bytes=1024)
+
+
+def test_an_input_within_the_limit_is_read_whole(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x" * 1024)
+    assert read_uri(str(tmp_path / "a.png"), max_bytes=1024) == b"x" * 1024

@@ -177,7 +177,7 @@ class EditService:
                 raise InvalidImage("inline input is not valid base64") from None
         if job.input_uri is None:
             raise SchemaError("job has neither input_uri nor input_b64")
-        return read_uri(job.input_uri)
+        return read_uri(job.input_uri, self.settings.max_input_bytes)
 
     def _done(self, job: Job, keys: Keys) -> bool:
         """Whether there is nothing left to do: the output exists (or, with overwrite, this batch has
