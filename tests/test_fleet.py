@@ -57,6 +57,7 @@ def batch_id(output: str) -> str:
     return output.split("batch ", 1)[1].split(":", 1)[0]
 
 
+@pytest.mark.slow
 def test_fifty_images_match_itsd_edit_and_a_second_submit_recomputes_nothing(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 50)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2):
@@ -114,6 +115,7 @@ def test_identical_files_at_two_paths_and_a_relative_input_each_get_their_own_ou
     assert written == ["a/same.png", "b/same.png"]
 
 
+@pytest.mark.slow
 def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 6)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, {"b": str(second_artifacts)}):
@@ -237,6 +239,7 @@ def test_a_manifest_gives_each_row_its_instruction_and_a_bad_row_fails_alone(red
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["p000.png", "renamed.png"]
 
 
+@pytest.mark.slow
 def test_storage_errors_are_retried_then_dead_lettered(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 1)
     (tmp_path / "out").write_text("a file where the output folder should be")
