@@ -195,6 +195,22 @@ def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifact
     assert redis_client(redis.url).llen("itsd.a") == 0  # refused, not left to be delivered again
 
 
+def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 1)
+    client = redis_client(redis.url)
+    bad = ["not json", "[1, 2]", '{"a": 1}', '"text"', "5"]
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}) as (worker,):
+        for entry in bad:
+            client.lpush("itsd.a", entry)
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
+        assert run.returncode == 0 and "1 done" in run.stdout, run.stderr
+        assert worker.alive()
+    dead = [json.loads(e) for e in client.lrange(Keys.dead, 0, -1)]
+    refused = [d for d in dead if d["error_message"].startswith("queue entry is not a message")]
+    assert len(refused) == len(bad) and any(d["job"]["raw"] == "not json" for d in refused)
+    assert client.llen("itsd.a") == 0
+
+
 def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 5)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):

@@ -25,6 +25,7 @@ def backoff(retries: int) -> float:
 def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_shutdown_timeout: float = 30.0) -> Celery:
     app = Celery("itsd", set_as_current=True)
     app.conf.update(celery_config(url, settings))
+    app.conf.broker_transport = "worker.transport:Transport"  # a bad queue entry is dead-lettered, not fatal
     # SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, as compose sets) lets running jobs finish for this
     # long, then requeues what is still running instead of losing it.
     app.conf.worker_soft_shutdown_timeout = soft_shutdown_timeout
