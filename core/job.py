@@ -36,7 +36,9 @@ def job_id_for(input_digest: str, instruction: str, params: EditParams, model_id
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _strict(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+def _strict(cls: type, data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise SchemaError(f"{what} must be a JSON object, got {type(data).__name__}")
     if data.get("schema_version") != JOB_VERSION:
         raise SchemaError(f"{what} schema version {data.get('schema_version')!r}; this itsd reads {JOB_VERSION}")
     unknown = set(data) - {f.name for f in fields(cls)}
@@ -65,9 +67,38 @@ class Job:
         return {**asdict(self), "params": self.params.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Job:
+    def from_dict(cls, data: Any) -> Job:
+        """A job from its JSON; a missing field or one of the wrong type is a SchemaError naming it."""
         data = _strict(cls, data, "job")
+        for name, kinds in _JOB_FIELD_TYPES.items():
+            if name not in data:
+                if name in _JOB_REQUIRED:
+                    raise SchemaError(f"job has no {name}")
+                continue
+            value = data[name]
+            if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+                expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise SchemaError(f"job field {name} must be {expected}, got {value!r}"[:300])
         return cls(**{**data, "params": EditParams.from_dict(data["params"])})
+
+
+_OPTIONAL_TEXT = (str, type(None))
+_JOB_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "job_id": (str,),
+    "batch_id": (str,),
+    "model": (str,),
+    "instruction": (str,),
+    "params": (dict,),
+    "output_uri": _OPTIONAL_TEXT,
+    "input_uri": _OPTIONAL_TEXT,
+    "input_b64": _OPTIONAL_TEXT,
+    "overwrite": (bool,),
+    "model_id": _OPTIONAL_TEXT,
+    "relative": _OPTIONAL_TEXT,
+    "submitted_at": (int, float, type(None)),
+    "schema_version": (int,),
+}
+_JOB_REQUIRED = ("job_id", "batch_id", "model", "instruction", "params", "output_uri")
 
 
 @dataclass(frozen=True)

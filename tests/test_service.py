@@ -159,6 +159,34 @@ def test_a_malformed_payload_is_refused_and_dead_lettered(client):
     assert json.loads(client.lindex(Keys.dead, 0))["job"]["job_id"] == "j"
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"instruction": 5}, "job field instruction must be str, got 5"),
+        ({"output_uri": 5}, "job field output_uri must be str or null"),
+        ({"overwrite": "yes"}, "job field overwrite must be bool"),
+        ({"job_id": None}, "job field job_id must be str"),
+        ({"params": {"seed": 1.5}}, "seed must be an integer"),
+        ({"params": {"steps": 1.5}}, "steps must be an integer"),
+        ({"params": {"max_side": 100.5}}, "max_side must be an integer"),
+        ({"params": {"guidance_scale": float("nan")}}, "guidance_scale must be finite"),
+    ],
+)
+def test_a_payload_with_a_field_of_the_wrong_type_is_dead_lettered_naming_the_field(client, tmp_path, change, reason):
+    payload = {**make_job(tmp_path).to_dict(), **change}
+    result = service(client, Invert()).handle(payload, 0, "w")
+    assert (result["status"], result["error_type"]) == ("failed", "schema") and reason in result["error_message"]
+    assert reason in json.loads(client.lindex(Keys.dead, 0))["error_message"]
+
+
+@pytest.mark.parametrize("payload", ["a string", [1, 2], 5, None])
+def test_a_payload_that_is_no_object_is_dead_lettered(client, payload):
+    result = service(client, Invert()).handle(payload, 0, "w")
+    assert (result["status"], result["error_type"]) == ("failed", "schema")
+    assert "job must be a JSON object" in result["error_message"]
+    assert json.loads(client.lindex(Keys.dead, 0))["job"] == {"raw": repr(payload)}
+
+
 def test_a_redelivered_job_waits_for_the_running_copy_instead_of_computing_twice(client, tmp_path):
     job = make_job(tmp_path)
     slow, duplicate = Invert(delay=1.5), Invert()
