@@ -57,6 +57,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                     f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
                     f"{max_pixels / 1e6:.1f} MP (raise ITSD_MAX_PIXELS to allow it)"
                 )
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise InvalidImage(f"animated ({frames} frames); itsd edits still images: extract a frame first")
             image.load()
             image = ImageOps.exif_transpose(image)  # malformed EXIF fails here, as an invalid image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -79,7 +82,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
-        peak = 255.0 if image.mode == "F" or values.max(initial=0) <= 255 else 65535.0
+        top = values.max(initial=0)
+        # by their range: floats in [0, 1] (as HDR and scientific tools write them), else 8 or 16 bits
+        peak = 1.0 if image.mode == "F" and top <= 1.0 else 255.0 if top <= 255 else 65535.0
         grey = np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")

@@ -119,3 +119,18 @@ def test_psnr_of_identical_images_is_infinite_and_of_a_known_shift_is_exact():
     a = np.full((4, 4), 100, np.uint8)
     assert psnr(a, a) == float("inf")
     assert psnr(a, a + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_an_animated_image_is_refused_with_its_frame_count_not_cut_to_one_frame(fmt):
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(InvalidImage, match="animated \\(3 frames\\)"):
+        decode_image(buffer.getvalue())
+
+
+def test_a_float_image_in_0_to_1_is_read_by_its_range_not_as_black():
+    grey = np.linspace(0.0, 1.0, 64 * 8, dtype=np.float32).reshape(8, 64)
+    decoded = np.asarray(decode_image(encoded(Image.fromarray(grey), "TIFF")))
+    assert decoded[..., 0].max() == 255 and abs(int(decoded[4, 32, 0]) - round(grey[4, 32] * 255)) <= 1
