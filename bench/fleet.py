@@ -87,9 +87,14 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def start_workers(url: str, cost: float, count: int, logs: Path) -> list[LocalWorker]:
+def start_workers(url: str, cost: float, count: int, work: Path) -> list[LocalWorker]:
+    """Stand-in workers whose roots are `work`, where the jobs' inputs and outputs are."""
     command = [sys.executable, __file__, "--serve", "--cost", str(cost)]
-    return [LocalWorker(url, {}, f"bench{i}", logs / f"w{i}.log", command=list(command)).start() for i in range(count)]
+    roots = {"ITSD_INPUT_ROOTS": str(work), "ITSD_OUTPUT_ROOTS": str(work)}
+    return [
+        LocalWorker(url, {}, f"bench{i}", work / f"w{i}.log", extra_env=roots, command=list(command)).start()
+        for i in range(count)
+    ]
 
 
 def warm_up(broker: Broker, cost: float, fleet: list[LocalWorker], work: Path) -> None:

@@ -56,6 +56,12 @@ class ParityError(ExportFailed):
     code = "parity"
 
 
+class OutsideRoots(PermanentError):
+    """A job names a local path outside the worker's declared roots, or a URL scheme it does not allow."""
+
+    code = "outside_roots"
+
+
 class InvalidOutput(PermanentError):
     """The model's output is not an image (NaN or infinite values: broken weights, an overflowing fp16 graph)."""
 

@@ -9,6 +9,7 @@ is exported on first use and cached by its content hash under ITSD_CACHE_DIR.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from core.settings import Settings
 from producer.batch import Broker, per_worker, results, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered
 from producer.sheet import write_contact_sheet
-from producer.sources import collect_sources
+from producer.sources import Source, collect_sources
 from producer.submit import describe, echo_failures, wait_for
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "itsd-tiny"
@@ -60,6 +61,13 @@ def artifacts_for(model: str, settings: Settings, report: Callable[[str], None])
     report(f"exporting {model} to {cached} (once; later runs reuse it)")
     export_checkpoint(model, cached, report=report)
     return cached
+
+
+def local_roots(sources: list[Source], out: Path) -> dict[str, str]:
+    """The roots the local workers need: the folders of this batch's local inputs, and OUT."""
+    folders = sorted({Path(s.uri).parent.resolve() for s in sources if "://" not in s.uri})
+    top = [f for f in folders if not any(f != other and f.is_relative_to(other) for other in folders)]
+    return {"ITSD_INPUT_ROOTS": os.pathsep.join(map(str, top)), "ITSD_OUTPUT_ROOTS": str(out.resolve())}
 
 
 @contextmanager
@@ -174,7 +182,7 @@ def run(
                     {name: str(artifacts)},
                     f"local{i}",
                     logs / f"worker{i}.log",
-                    extra_env={"ITSD_TILE_BATCH": str(tile_batch)},
+                    extra_env={"ITSD_TILE_BATCH": str(tile_batch), **local_roots(sources, out)},
                 )
                 for i in range(workers)
             ]

@@ -33,7 +33,9 @@ def itsd(
 def workers(
     redis: RedisServer, logs: Path, *specs: dict[str, str], concurrency: int = 1, env: dict[str, str] | None = None
 ) -> Iterator[list[LocalWorker]]:
-    """One worker process per spec ({model name: artifact folder}), stopped (and checked gone) after."""
+    """One worker process per spec ({model name: artifact folder}), stopped (and checked gone) after. Their
+    input and output roots are `logs`, the test's own folder, unless `env` says otherwise."""
+    env = {"ITSD_INPUT_ROOTS": str(logs), "ITSD_OUTPUT_ROOTS": str(logs), **(env or {})}
     started = [
         LocalWorker(redis.url, spec, f"w{i}", logs / f"w{i}-{time.monotonic_ns()}.log", concurrency, env).start()
         for i, spec in enumerate(specs)

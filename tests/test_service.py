@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from conftest import photo
 from PIL import Image
 
+from core.access import Access
 from core.errors import ProviderError
 from core.images import encode_image
 from core.job import Job, job_id_for
@@ -53,9 +55,13 @@ def client(redis):
     return client
 
 
+TMP = Path(tempfile.gettempdir()).resolve()  # where every test's files are: the stand-in workers' roots
+
+
 def service(client, backend: Invert, **settings) -> EditService:
     spec = ModelSpec("m", "model-1", "stand-in", lambda: backend)
-    return EditService({"m": spec}, client, Settings(claim_ttl=2, **settings))
+    access = settings.pop("access", Access((TMP,), (TMP,)))
+    return EditService({"m": spec}, client, Settings(claim_ttl=2, access=access, **settings))
 
 
 def make_job(tmp_path: Path, name: str = "a.png", data: bytes | None = None, **fields) -> Job:
@@ -185,6 +191,32 @@ def test_a_payload_that_is_no_object_is_dead_lettered(client, payload):
     assert (result["status"], result["error_type"]) == ("failed", "schema")
     assert "job must be a JSON object" in result["error_message"]
     assert json.loads(client.lindex(Keys.dead, 0))["job"] == {"raw": repr(payload)}
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ({"output_uri": "/etc/itsd-test.png"}, "outside this worker's output roots"),
+        ({"input_uri": "/etc/hostname", "output_uri": None}, "outside this worker's input roots"),  # read back inline
+        ({"output_uri": "{tmp}/../../etc/itsd-test.png"}, "outside this worker's output roots"),
+        ({"output_uri": "{tmp}/link/itsd-test.png"}, "outside this worker's output roots"),  # a symlink out
+        ({"input_uri": "ftp://example.invalid/a.png"}, "ftp:// is not allowed on this worker"),
+        ({"input_uri": "in/a.png"}, "a relative path"),
+    ],
+)
+def test_a_job_outside_the_workers_roots_fails_at_once_naming_them_and_touches_nothing(client, tmp_path, where, reason):
+    (tmp_path / "link").symlink_to("/etc")
+    job = make_job(tmp_path)
+    payload = {**job.to_dict(), **{k: v and v.format(tmp=tmp_path) for k, v in where.items()}}
+    backend = Invert()
+    result = service(client, backend, access=Access((tmp_path / "in",), (tmp_path / "out",))).handle(payload, 0, "w")
+    assert (result["status"], result["error_type"]) == ("failed", "outside_roots") and reason in result["error_message"]
+    assert backend.calls == 0 and not Path("/etc/itsd-test.png").exists()
+
+
+def test_a_worker_without_roots_says_how_to_declare_them(client, tmp_path):
+    result = service(client, Invert(), access=Access()).handle(make_job(tmp_path).to_dict(), 0, "w")
+    assert result["error_type"] == "outside_roots" and "declare them with ITSD_INPUT_ROOTS" in result["error_message"]
 
 
 def test_a_redelivered_job_waits_for_the_running_copy_instead_of_computing_twice(client, tmp_path):

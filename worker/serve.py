@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from core.access import parse_roots
 from core.errors import ItsdError
 from core.manifest import Manifest
 from core.options import tile_batch_option
@@ -74,6 +76,14 @@ def serve(
 
     settings = settings or Settings.from_env()
     hostname = hostname or f"itsd-{socket.gethostname()}"
+    missing = [kind for kind in ("input", "output") if not getattr(settings.access, f"{kind}_roots")]
+    if missing:
+        log.warning(
+            "no %s roots: this worker refuses every job with a local %s path; declare them with ITSD_INPUT_ROOTS / "
+            "ITSD_OUTPUT_ROOTS (colon-separated) or --input-root / --output-root",
+            " or ".join(missing),
+            " or ".join(missing),
+        )
     register(url, models, hostname)
     app = make_app(url, settings, models, soft_shutdown_timeout)
     queues = ",".join(queue_for(name) for name in models)
@@ -126,6 +136,20 @@ def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Worker log level.")
 @tile_batch_option
+@click.option(
+    "--input-root",
+    "input_roots",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A folder local inputs may be read from; repeatable. [env: ITSD_INPUT_ROOTS, colon-separated]",
+)
+@click.option(
+    "--output-root",
+    "output_roots",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A folder outputs may be written under; repeatable. [env: ITSD_OUTPUT_ROOTS, colon-separated]",
+)
 def worker(
     model_specs: tuple[str, ...],
     broker: str | None,
@@ -135,13 +159,21 @@ def worker(
     soft_shutdown_timeout: float,
     loglevel: str,
     tile_batch: int,
+    input_roots: tuple[Path, ...],
+    output_roots: tuple[Path, ...],
 ) -> None:
     """Run a Celery worker that edits images with ONNX Runtime. Sessions load once per pool process,
     after the fork, with a warm-up edit; SIGTERM finishes running jobs, then stops."""
     try:
         url = check_broker_url(broker)
         models = parse_models(model_specs, device)
-        settings = replace(Settings.from_env(), tile_batch=tile_batch)
+        settings = Settings.from_env()
+        access = replace(
+            settings.access,
+            input_roots=parse_roots(os.pathsep.join(map(str, input_roots))) or settings.access.input_roots,
+            output_roots=parse_roots(os.pathsep.join(map(str, output_roots))) or settings.access.output_roots,
+        )
+        settings = replace(settings, tile_batch=tile_batch, access=access)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings)

@@ -25,6 +25,7 @@ from core.errors import (
     InvalidModel,
     ItsdError,
     OutOfMemory,
+    OutsideRoots,
     PermanentError,
     SchemaError,
     TransientError,
@@ -109,6 +110,12 @@ class EditService:
         )
         if self.client.hget(keys.batch, "cancelled") == b"1":
             return self._record(keys, replace(base, status="cancelled", finished_at=time.time()), first=True)
+        try:  # before anything is read, written or even looked at
+            self._check_access(job)
+        except OutsideRoots as exc:
+            return self._record(
+                keys, replace(base, error_type=exc.code, error_message=str(exc), finished_at=time.time())
+            )
         claim = Claim(self.client, job.job_id, self.settings.claim_ttl)
         if not claim.acquire(lambda: self._done(job, keys)):
             return self._record(keys, replace(base, status="skipped", finished_at=time.time()), first=True)
@@ -168,6 +175,13 @@ class EditService:
             timings=watch.timings,
             finished_at=time.time(),
         )
+
+    def _check_access(self, job: Job) -> None:
+        access = self.settings.access
+        if job.input_uri is not None:
+            access.check_input(job.input_uri)
+        if job.output_uri is not None:
+            access.check_output(job.output_uri)
 
     def _read_input(self, job: Job) -> bytes:
         if job.input_b64 is not None:
