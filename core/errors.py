@@ -68,6 +68,16 @@ class InvalidOutput(PermanentError):
     code = "invalid_output"
 
 
+class BrokerUnreachable(ItsdError):
+    """Redis cannot be used at all: refused, unknown host, a wrong or missing password, no answer in time."""
+
+    code = "broker"
+
+
+class BrokerAuthError(BrokerUnreachable):
+    """Redis answered, but refused the password or wants one: waiting will not help."""
+
+
 class SchemaError(PermanentError):
     """A job, result or manifest that does not match the schema this version reads."""
 

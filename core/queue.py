@@ -11,7 +11,7 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from core.errors import InvalidParameters
+from core.errors import BrokerAuthError, BrokerUnreachable, InvalidParameters
 from core.job import FINAL_STATUSES
 from core.settings import Settings
 
@@ -33,6 +33,33 @@ def check_broker_url(url: str | None) -> str:
     if urlsplit(url).scheme not in ("redis", "rediss"):
         raise InvalidParameters(f"broker URL must start with redis:// or rediss://, got {redact(url)}")
     return url
+
+
+def check_connection(url: str, timeout: float) -> None:
+    """One PING within `timeout` seconds, or a BrokerUnreachable saying why in one line (never the password):
+    so a wrong password or a closed port is an error in seconds, not a minute of retries or a silent hang."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    where = redact(url)
+    try:
+        client.ping()
+    except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as exc:
+        if urlsplit(url).password is None and "auth" in str(exc).lower():  # NOAUTH, or HELLO without AUTH
+            raise BrokerAuthError(
+                f"Redis at {where} needs a password: put it in the URL, redis://:PASSWORD@HOST:PORT/DB"
+            ) from None
+        if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in str(exc):
+            raise BrokerAuthError(f"Redis at {where} refused the password") from None
+        raise BrokerUnreachable(f"Redis at {where}: {str(exc).splitlines()[0]}") from None
+    except redis.exceptions.TimeoutError:
+        raise BrokerUnreachable(
+            f"Redis at {where} did not answer within {timeout:g} s (ITSD_CONNECT_TIMEOUT)"
+        ) from None
+    except redis.exceptions.ConnectionError as exc:
+        raise BrokerUnreachable(f"cannot connect to Redis at {where}: {str(exc).splitlines()[0]}") from None
+    finally:
+        client.close()
 
 
 def redact(url: str) -> str:

@@ -38,6 +38,7 @@ class Settings:
     result_expires: int = 7 * 24 * 3600  # ITSD_RESULT_EXPIRES: seconds results and batch records are kept
     inline_max_bytes: int = 4 * 2**20  # ITSD_INLINE_MAX_BYTES: cap on an image sent inline (--inline)
     max_input_bytes: int = 256 * 2**20  # ITSD_MAX_INPUT_BYTES: larger input files are refused before reading
+    connect_timeout: float = 5.0  # ITSD_CONNECT_TIMEOUT: seconds a command waits for Redis before it says why not
     # ITSD_INPUT_ROOTS, ITSD_OUTPUT_ROOTS, ITSD_URL_SCHEMES: what a worker may touch (core.access)
     access: Access = field(default_factory=Access)
     tile_batch: int = 1  # ITSD_TILE_BATCH: tiles per UNet call (each with its guidance copies); more helps GPUs
@@ -58,6 +59,7 @@ class Settings:
             inline_max_bytes=_positive_int(env, "ITSD_INLINE_MAX_BYTES", cls.inline_max_bytes),
             max_input_bytes=_positive_int(env, "ITSD_MAX_INPUT_BYTES", cls.max_input_bytes),
             tile_batch=_positive_int(env, "ITSD_TILE_BATCH", cls.tile_batch),
+            connect_timeout=float(_positive_int(env, "ITSD_CONNECT_TIMEOUT", int(cls.connect_timeout))),
             access=Access(
                 parse_roots(env.get("ITSD_INPUT_ROOTS", "")),
                 parse_roots(env.get("ITSD_OUTPUT_ROOTS", "")),

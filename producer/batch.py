@@ -26,6 +26,7 @@ from core.queue import (
     TASK_NAME,
     Keys,
     celery_config,
+    check_connection,
     forget_results,
     queue_for,
     record_result,
@@ -43,6 +44,7 @@ class Broker:
     """The producer's two handles on one Redis: Celery to send tasks by name, redis-py for records."""
 
     def __init__(self, url: str, settings: Settings) -> None:
+        check_connection(url, settings.connect_timeout)  # a wrong password or a closed port: one line, now
         self.url = url
         self.settings = settings
         self.client = redis_client(url)

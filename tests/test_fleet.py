@@ -469,3 +469,28 @@ def test_submit_wait_says_so_while_redis_is_down_and_carries_on_when_it_is_back(
     err = capsys.readouterr().err
     assert err.count("is unreachable; waiting for it") == 1 and "Redis is back" in err
     assert server.password not in err
+
+
+@pytest.mark.parametrize("fault", ["wrong password", "no password", "closed port"])
+def test_a_broker_that_cannot_be_used_is_one_line_within_seconds_never_the_password(redis, tiny_artifacts, fault):
+    from producer.local import free_port
+
+    url = {
+        "wrong password": redis.url.replace(redis.password, "not-the-password"),
+        "no password": redis.url.replace(f":{redis.password}@", ""),
+        "closed port": f"redis://:secret-pw@127.0.0.1:{free_port()}/0",
+    }[fault]
+    expected = {"wrong password": "refused the password", "no password": "needs a password"}.get(
+        fault, "cannot connect"
+    )
+    commands = [["status", "0123456789abcdef"]]
+    if (
+        fault != "closed port"
+    ):  # a worker waits for a Redis that is not up yet (it may start first), but not for a password
+        commands.append(["worker", "--model", f"a={tiny_artifacts}"])
+    for command in commands:
+        start = time.monotonic()
+        run = itsd(url, *command, timeout=60)
+        assert run.returncode != 0 and time.monotonic() - start < 15, (command, run.stderr)
+        assert expected in run.stderr.strip().splitlines()[-1], run.stderr
+        assert not {"not-the-password", "secret-pw", redis.password} & set(run.stderr.split()), run.stderr

@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 
 from core.access import parse_roots
-from core.errors import ItsdError
+from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError
 from core.manifest import Manifest
 from core.options import tile_batch_option
-from core.queue import Keys, check_broker_url, queue_for, redact, redis_client
+from core.queue import Keys, check_broker_url, check_connection, queue_for, redact, redis_client
 from core.settings import Settings
 from worker.service import ModelSpec
 
@@ -174,6 +174,11 @@ def worker(
             output_roots=parse_roots(os.pathsep.join(map(str, output_roots))) or settings.access.output_roots,
         )
         settings = replace(settings, tile_batch=tile_batch, access=access)
+        check_connection(url, settings.connect_timeout)
+    except BrokerUnreachable as exc:
+        if isinstance(exc, BrokerAuthError):  # a wrong or missing password: say so, do not hang
+            raise click.ClickException(str(exc)) from None
+        log.warning("%s; waiting for it (workers start before Redis is up, and ride out its restarts)", exc)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings)
