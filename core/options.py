@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -85,3 +86,17 @@ tile_batch_option = click.option(
     show_default=True,
     help="Tiles per UNet call, each with its guidance copies: more feeds a GPU better. [env: ITSD_TILE_BATCH]",
 )
+
+
+def no_password_on_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --broker callback: a URL with a password typed on the command line is refused (every user on the host
+    can read a process's argv with `ps`); the same URL from ITSD_BROKER_URL is fine."""
+    typed = ctx.get_parameter_source(param.name or "") == click.core.ParameterSource.COMMANDLINE
+    if value and typed and urlsplit(value).password:
+        raise click.BadParameter(
+            "a password on the command line is visible to every user of this host (ps); "
+            f"put the URL in {param.envvar or 'ITSD_BROKER_URL'} instead",
+            ctx,
+            param,
+        )
+    return value

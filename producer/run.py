@@ -26,7 +26,7 @@ from core.errors import InvalidModel, ItsdError
 from core.inputs import InputFile, check_destination
 from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
-from core.options import edit_options, tile_batch_option
+from core.options import edit_options, no_password_on_argv, tile_batch_option
 from core.params import EditParams
 from core.queue import Keys, check_broker_url
 from core.settings import Settings
@@ -141,7 +141,14 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
     help="Artifact folder, or a diffusers checkpoint (folder or Hub id) exported on first use and cached.",
 )
 @click.option("--workers", "-w", type=click.IntRange(1, 64), default=1, show_default=True, help="Local workers.")
-@click.option("--broker", metavar="URL", help="Use this Redis instead of a private one (not read from the env).")
+@click.option(
+    "--broker",
+    metavar="URL",
+    envvar="ITSD_RUN_BROKER_URL",
+    callback=no_password_on_argv,
+    help="Use this Redis instead of a private one; one with a password only through the env (argv is public). "
+    "[env: ITSD_RUN_BROKER_URL, not ITSD_BROKER_URL]",
+)
 @edit_options
 @tile_batch_option
 @click.option("--overwrite", is_flag=True, help="Recompute images whose output exists.")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from core.errors import ItsdError
 from core.inputs import safe_relative
 from core.job import Job
-from core.options import edit_options
+from core.options import edit_options, no_password_on_argv
 from core.params import EditParams
 from core.queue import Keys, check_broker_url, redact
 from core.settings import Settings
@@ -35,7 +35,8 @@ def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
         "--broker",
         envvar="ITSD_BROKER_URL",
         metavar="URL",
-        help="redis:// or rediss:// URL, with its password. [env: ITSD_BROKER_URL]",
+        callback=no_password_on_argv,
+        help="redis:// or rediss:// URL; a password only through the env. [env: ITSD_BROKER_URL]",
     )
     @functools.wraps(command)
     def wrapper(*args: Any, broker: str | None, **kwargs: Any) -> Any:

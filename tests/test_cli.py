@@ -66,3 +66,17 @@ def test_a_command_without_torch_installed_says_which_extra_to_install(tmp_path,
     assert result.returncode == 1
     expected = f"Error: `itsd {command}` needs torch, which this install lacks: pip install 'itsd[{extra}]'"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("command", "envvar"),
+    [
+        (["status", "abc"], "ITSD_BROKER_URL"),
+        (["worker", "-m", "a=x"], "ITSD_BROKER_URL"),
+        (["run", "x", "-o", "y"], "ITSD_RUN_BROKER_URL"),
+    ],
+)
+def test_a_broker_password_on_the_command_line_is_refused_and_the_env_is_named(command, envvar):
+    result = CliRunner().invoke(itsd, [*command, "--broker", "redis://:hunter2@127.0.0.1:1/0"])
+    assert result.exit_code == 2 and f"put the URL in {envvar} instead" in result.output
+    assert "hunter2" not in result.output

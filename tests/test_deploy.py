@@ -23,7 +23,7 @@ def compose_config(**env: str) -> subprocess.CompletedProcess:
 
 
 def test_compose_file_is_valid_and_configures_the_fleet():
-    run = compose_config(REDIS_PASSWORD="s3cret", ITSD_MODEL="derain")
+    run = compose_config(REDIS_PASSWORD="s3cret", FLOWER_PASSWORD="fl0wer", ITSD_MODEL="derain")
     assert run.returncode == 0, run.stderr
     services = yaml.safe_load(run.stdout)["services"]
     assert set(services) == {"redis", "worker", "flower", "producer"}
@@ -37,12 +37,17 @@ def test_compose_file_is_valid_and_configures_the_fleet():
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "container_name" not in worker and "ports" not in worker  # so `--scale worker=N` works
     assert services["flower"]["environment"]["CELERY_BROKER_URL"].startswith("redis://:s3cret@")
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "itsd:fl0wer"  # its own, not Redis's
+    assert all("s3cret" not in part and "fl0wer" not in part for part in services["flower"]["command"])
+    assert worker["environment"]["ITSD_INPUT_ROOTS"] == worker["environment"]["ITSD_OUTPUT_ROOTS"] == "/data"
     assert services["producer"]["profiles"] == ["tools"]
 
 
-def test_compose_refuses_to_start_without_a_redis_password():
+def test_compose_refuses_to_start_without_a_redis_password_or_a_flower_password():
     run = compose_config()
     assert run.returncode != 0 and "set REDIS_PASSWORD" in run.stderr
+    run = compose_config(REDIS_PASSWORD="s3cret")
+    assert run.returncode != 0 and "set FLOWER_PASSWORD" in run.stderr
 
 
 def test_the_worker_image_installs_the_gpu_extra_and_no_torch():

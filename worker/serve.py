@@ -15,7 +15,7 @@ import click
 from core.access import parse_roots
 from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError
 from core.manifest import Manifest
-from core.options import tile_batch_option
+from core.options import no_password_on_argv, tile_batch_option
 from core.queue import Keys, check_broker_url, check_connection, queue_for, redact, redis_client
 from core.settings import Settings
 from worker.service import ModelSpec
@@ -115,7 +115,11 @@ def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
     help="A model to serve from queue itsd.NAME: an artifact folder from `itsd export`. Repeatable.",
 )
 @click.option(
-    "--broker", envvar="ITSD_BROKER_URL", metavar="URL", help="redis:// or rediss:// URL. [env: ITSD_BROKER_URL]"
+    "--broker",
+    envvar="ITSD_BROKER_URL",
+    metavar="URL",
+    callback=no_password_on_argv,
+    help="redis:// or rediss:// URL; a password only through the env. [env: ITSD_BROKER_URL]",
 )
 @click.option("--device", default="auto", show_default=True, help="auto (ITSD_PROVIDERS order), cpu, or cuda:N.")
 @click.option(
