@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import ImageTooLarge, InputNotFound, InvalidImage
+from core.storage import DEFAULT_MAX_INPUT_BYTES, check_readable
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: any camera photo; stops decompression bombs before decoding
 # Encoders for output files, by suffix; anything else is written as PNG under its own name.
@@ -31,8 +32,12 @@ _FORMATS = {
 }
 
 
-def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def read_image_file(
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_INPUT_BYTES
+) -> Image.Image:
+    """Decode a local file; a device, FIFO or file over `max_bytes` is refused before it is read."""
     try:
+        check_readable(path, max_bytes)
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputNotFound("no such file") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from core.access import Access, default_schemes, parse_roots
 from core.errors import InvalidParameters
 from core.images import DEFAULT_MAX_PIXELS
+from core.storage import DEFAULT_MAX_INPUT_BYTES
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -37,7 +38,7 @@ class Settings:
     max_retries: int = 5  # ITSD_MAX_RETRIES: transient failures retried before the job is dead-lettered
     result_expires: int = 7 * 24 * 3600  # ITSD_RESULT_EXPIRES: seconds results and batch records are kept
     inline_max_bytes: int = 4 * 2**20  # ITSD_INLINE_MAX_BYTES: cap on an image sent inline (--inline)
-    max_input_bytes: int = 256 * 2**20  # ITSD_MAX_INPUT_BYTES: larger input files are refused before reading
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES  # ITSD_MAX_INPUT_BYTES: larger inputs are refused unread
     connect_timeout: float = 5.0  # ITSD_CONNECT_TIMEOUT: seconds a command waits for Redis before it says why not
     # ITSD_INPUT_ROOTS, ITSD_OUTPUT_ROOTS, ITSD_URL_SCHEMES: what a worker may touch (core.access)
     access: Access = field(default_factory=Access)

@@ -61,36 +61,48 @@ def join_uri(destination: str, relative: str) -> str:
     return destination.rstrip("/") + "/" + relative
 
 
+# ITSD_MAX_INPUT_BYTES' default: above a 24 MP 16-bit TIFF (~150 MB uncompressed); JPEGs are far smaller
+DEFAULT_MAX_INPUT_BYTES = 256 * 2**20
+
+
+def check_readable(path: Path, max_bytes: int) -> None:
+    """Refuse, before reading, a local file that cannot be read to an end: a device, FIFO or socket, or one over
+    `max_bytes`. A folder raises IsADirectoryError and a missing file FileNotFoundError, as reading would."""
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidImage("not a regular file (a device, FIFO or socket)")
+    _check_size(info.st_size, max_bytes)
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageTooLarge(f"{size} bytes is over the input limit of {max_bytes} (ITSD_MAX_INPUT_BYTES)")
+
+
 def read_uri(uri: str, max_bytes: int) -> bytes:
     """The bytes at `uri`; a device, FIFO or socket, or anything over `max_bytes`, is refused before reading."""
     local = _local_path(uri)
     try:
         if local is not None:
-            info = local.stat()
-            if stat.S_ISDIR(info.st_mode):
-                raise IsADirectoryError
-            if not stat.S_ISREG(info.st_mode):
-                raise InvalidImage(f"{uri}: not a regular file (a device, FIFO or socket)")
-            _check_size(uri, info.st_size, max_bytes)
+            check_readable(local, max_bytes)
             with local.open("rb") as handle:
                 data = handle.read(max_bytes + 1)  # the file may have grown since stat
         else:
             fs, path = remote_fs(uri)
-            _check_size(uri, fs.size(path) or 0, max_bytes)
+            _check_size(fs.size(path) or 0, max_bytes)
             data = fs.cat_file(path)
-        _check_size(uri, len(data), max_bytes)
+        _check_size(len(data), max_bytes)
         return data
+    except (InvalidImage, ImageTooLarge) as exc:
+        raise type(exc)(f"{uri}: {exc}") from None
     except FileNotFoundError:
         raise InputNotFound(f"{uri}: no such file") from None
     except IsADirectoryError:
         raise InputNotFound(f"{uri}: is a folder, not an image") from None
     except OSError as exc:
         raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from None
-
-
-def _check_size(uri: str, size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise ImageTooLarge(f"{uri}: {size} bytes is over the input limit of {max_bytes} (ITSD_MAX_INPUT_BYTES)")
 
 
 def uri_exists(uri: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -67,6 +68,15 @@ def test_undecodable_bytes_raise_invalid_image(data):
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
     with pytest.raises(ImageTooLarge, match="over the limit"):
         decode_image(encoded(Image.new("RGB", (400, 300))), max_pixels=100_000)
+
+
+def test_a_fifo_or_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would wait forever for a writer
+    with pytest.raises(InvalidImage, match="not a regular file"):
+        read_image_file(tmp_path / "pipe.png")
+    (tmp_path / "big.png").write_bytes(encoded(photo(64, 64)))
+    with pytest.raises(ImageTooLarge, match="over the input limit of 100"):
+        read_image_file(tmp_path / "big.png", max_bytes=100)
 
 
 def test_a_missing_file_is_input_not_found(tmp_path):

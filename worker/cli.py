@@ -100,7 +100,7 @@ def edit(
     progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for item in progress:
         try:
-            image = read_image_file(item.path, settings.max_pixels)
+            image = read_image_file(item.path, settings.max_pixels, settings.max_input_bytes)
             with TileProgress(item.relative.name, disable=quiet) as tiles:
                 result = edit_image(pipeline, image, instruction, params, Tiling(batch=tile_batch), tiles.update)
             write_atomic(out / item.relative, encode_image(result.image, item.relative.name))
