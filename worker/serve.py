@@ -7,8 +7,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -104,6 +106,16 @@ def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
     return models
 
 
+def _root_option(kind: str, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        f"--{kind}-root",
+        f"{kind}_roots",
+        multiple=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=f"{what}; repeatable. [env: ITSD_{kind.upper()}_ROOTS, colon-separated]",
+    )
+
+
 @click.command()
 @click.option(
     "--model",
@@ -140,20 +152,8 @@ def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Worker log level.")
 @tile_batch_option
-@click.option(
-    "--input-root",
-    "input_roots",
-    multiple=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A folder local inputs may be read from; repeatable. [env: ITSD_INPUT_ROOTS, colon-separated]",
-)
-@click.option(
-    "--output-root",
-    "output_roots",
-    multiple=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A folder outputs may be written under; repeatable. [env: ITSD_OUTPUT_ROOTS, colon-separated]",
-)
+@_root_option("input", "A folder local inputs may be read from")
+@_root_option("output", "A folder outputs may be written under")
 def worker(
     model_specs: tuple[str, ...],
     broker: str | None,
