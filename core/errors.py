@@ -68,6 +68,12 @@ class InvalidOutput(PermanentError):
     code = "invalid_output"
 
 
+class WarmUpFailed(ItsdError):
+    """No model a worker was asked to serve could load and run one edit: the worker does not start."""
+
+    code = "warm_up"
+
+
 class BrokerUnreachable(ItsdError):
     """Redis cannot be used at all: refused, unknown host, a wrong or missing password, no answer in time."""
 
@@ -90,8 +96,23 @@ class ProviderError(TransientError):
     code = "provider"
 
 
+class ModelUnavailable(TransientError):
+    """This worker process could not warm the model up; another worker (or a later attempt) may run the job."""
+
+    code = "model_unavailable"
+
+
 class StorageError(TransientError):
+    """Storage failed in a way that may heal: a full disk, a timeout, an I/O error, a store that is down."""
+
     code = "storage"
+
+
+class StorageRefused(PermanentError):
+    """Storage refused in a way waiting cannot heal: read-only, permission denied, a file where a folder
+    should be, a missing bucket."""
+
+    code = "storage_refused"
 
 
 class OutOfMemory(TransientError):

@@ -43,6 +43,7 @@ class Settings:
     # ITSD_INPUT_ROOTS, ITSD_OUTPUT_ROOTS, ITSD_URL_SCHEMES: what a worker may touch (core.access)
     access: Access = field(default_factory=Access)
     tile_batch: int = 1  # ITSD_TILE_BATCH: tiles per UNet call (each with its guidance copies); more helps GPUs
+    warm_up_timeout: float = 900.0  # ITSD_WARM_UP_TIMEOUT: seconds a model may take to load and run one edit
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -61,6 +62,7 @@ class Settings:
             max_input_bytes=_positive_int(env, "ITSD_MAX_INPUT_BYTES", cls.max_input_bytes),
             tile_batch=_positive_int(env, "ITSD_TILE_BATCH", cls.tile_batch),
             connect_timeout=float(_positive_int(env, "ITSD_CONNECT_TIMEOUT", int(cls.connect_timeout))),
+            warm_up_timeout=float(_positive_int(env, "ITSD_WARM_UP_TIMEOUT", int(cls.warm_up_timeout))),
             access=Access(
                 parse_roots(env.get("ITSD_INPUT_ROOTS", "")),
                 parse_roots(env.get("ITSD_OUTPUT_ROOTS", "")),

@@ -3,13 +3,22 @@ so a reader never sees half a file: a temporary sibling then an atomic rename, o
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import ImageTooLarge, InputNotFound, InvalidImage, InvalidParameters, StorageError
+from core.errors import (
+    ImageTooLarge,
+    InputNotFound,
+    InvalidImage,
+    InvalidParameters,
+    ItsdError,
+    StorageError,
+    StorageRefused,
+)
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once: temporary files and folders are private until published
@@ -21,7 +30,10 @@ def usual_mode(directory: bool = False) -> int:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's word for a file where the folder should be
+        raise NotADirectoryError(errno.ENOTDIR, "a file is where its folder should be") from None
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         os.fchmod(fd, usual_mode())
@@ -102,7 +114,7 @@ def read_uri(uri: str, max_bytes: int) -> bytes:
     except IsADirectoryError:
         raise InputNotFound(f"{uri}: is a folder, not an image") from None
     except OSError as exc:
-        raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from None
+        raise storage_error(f"{uri}: cannot read", exc) from None
 
 
 def uri_exists(uri: str) -> bool:
@@ -113,7 +125,7 @@ def uri_exists(uri: str) -> bool:
     try:
         return fs.exists(path)
     except OSError as exc:
-        raise StorageError(f"{uri}: cannot check: {exc}") from None
+        raise storage_error(f"{uri}: cannot check", exc) from None
 
 
 def write_uri(uri: str, data: bytes) -> None:
@@ -125,5 +137,22 @@ def write_uri(uri: str, data: bytes) -> None:
         else:
             fs, path = remote_fs(uri)
             fs.pipe_file(path, data)
+    except FileNotFoundError as exc:  # locally the folders are made first: a missing bucket or share
+        raise StorageRefused(f"{uri}: cannot write: {exc.strerror or exc}") from None
     except OSError as exc:
-        raise StorageError(f"{uri}: cannot write: {exc.strerror or exc}") from None
+        raise storage_error(f"{uri}: cannot write", exc) from None
+
+
+# What waiting cannot heal: read-only, denied, a file where a folder should be (or the reverse), a bad name
+_REFUSALS = frozenset(
+    {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+)
+
+
+def storage_error(what: str, exc: OSError) -> ItsdError:
+    """`exc` as a job error: permanent (`StorageRefused`) when retrying cannot help, else a transient
+    `StorageError` (a full disk, an I/O error or a timeout may clear, or another worker may succeed)."""
+    message = f"{what}: {exc.strerror or exc}"
+    if exc.errno in _REFUSALS or isinstance(exc, PermissionError | NotADirectoryError | IsADirectoryError):
+        return StorageRefused(message)
+    return StorageError(message)

@@ -89,9 +89,20 @@ def describe(counts: dict[str, int], total: int) -> str:
 def echo_failures(broker: Broker, batch_id: str, limit: int = FAILURES_SHOWN) -> None:
     failed = [r for r in results(broker.client, batch_id) if r.status == "failed"]
     for result in failed[:limit]:
-        click.echo(f"  failed {result.job_id[:12]}: {result.error_type}: {result.error_message}", err=True)
+        name = input_name(broker.client.hget(Keys(batch_id).jobs, result.job_id)) or result.job_id[:12]
+        click.echo(f"  failed {name}: {result.error_type}: {result.error_message}", err=True)
     if len(failed) > limit:
         click.echo(f"  ... and {len(failed) - limit} more (itsd status {batch_id} --json)", err=True)
+
+
+def input_name(job: bytes | None) -> str | None:
+    """What a person calls a job's input: its path or URL, or (inline) its key; None if unknown."""
+    if job is None:
+        return None
+    found = json.loads(job)
+    if not isinstance(found, dict):
+        return None
+    return found.get("input_uri") or found.get("relative")
 
 
 def collect_outputs(broker: Broker, batch_id: str, out: Path) -> int:

@@ -35,3 +35,26 @@ def photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
     base = np.stack([x, y, 1 - x * y], axis=-1) * 200 + rng.normal(0, 8, (height, width, 3))
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """`mount(name, size, read_only)`: a real tmpfs of `size` bytes at tmp_path/name (a disk that can be full,
+    or read-only), unmounted after. Mounting needs root, as on this project's machines and CI."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(name: str, size: int, read_only: bool = False) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from PIL import Image
 
 from core.queue import TASK_NAME, Keys, redis_client, status_counts
 from producer.cli import itsd as itsd_group
-from producer.local import RedisServer
+from producer.local import LocalWorker, RedisServer, wait_registered
 
 STEPS = ["--steps", "2", "--seed", "7", "--max-side", "64"]
 ITSD = [sys.executable, "-m", "producer.cli"]
@@ -126,6 +127,31 @@ def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second
             assert list(summary["workers"]) == [f"w{'ab'.index(model)}@{os.uname().nodename}"]
     a, b = (np.asarray(Image.open(tmp_path / m / "set0" / "p000.png")) for m in "ab")
     assert not np.array_equal(a, b)  # different weights, different pictures
+
+
+def test_a_model_that_fails_its_warm_up_is_not_served_and_a_worker_left_with_none_exits(
+    redis, tiny_artifacts, tmp_path
+):
+    broken = tmp_path / "broken-onnx"
+    shutil.copytree(tiny_artifacts, broken)
+    (broken / "unet.onnx").write_bytes(b"not an onnx graph")  # the folder checks pass; loading it fails
+    client = redis_client(redis.url)
+    roots = {"ITSD_INPUT_ROOTS": str(tmp_path), "ITSD_OUTPUT_ROOTS": str(tmp_path)}
+    served = {"a": str(tiny_artifacts), "broken": str(broken)}
+    both = LocalWorker(redis.url, served, "wb", tmp_path / "wb.log", 1, roots)
+    alone = LocalWorker(redis.url, {"broken": str(broken)}, "wx", tmp_path / "wx.log")
+    try:
+        wait_registered(client, ["a"], [both.start()])
+        assert alone.start().process.wait(timeout=120) == 1
+        run = submit(redis.url, str(photos(tmp_path / "in", 1)), str(tmp_path / "out"), "Derain", "--wait", *STEPS)
+        assert run.returncode == 0, run.stderr
+        refused = submit(redis.url, str(tmp_path / "in"), str(tmp_path / "out2"), "Derain", model="broken")
+    finally:
+        both.stop()
+    assert "model broken failed its warm-up, so this worker does not serve it: " in both.log_tail(20000)
+    assert "no model passed its warm-up: broken: " in alone.log_tail()
+    assert refused.returncode != 0 and "no worker has registered model 'broken'" in refused.stderr
+    assert not client.hexists(Keys.models, "broken")
 
 
 def start_slow_job(redis, inputs: Path, out: Path, steps: int) -> tuple[str, str, int]:
@@ -257,15 +283,17 @@ def test_a_manifest_gives_each_row_its_instruction_and_a_bad_row_fails_alone(red
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_retries", [1, 4])  # 4: past Celery's own default limit of 3, one limit holds end to end
-def test_storage_errors_are_retried_then_recorded_failed_and_dead_lettered(
-    redis, tiny_artifacts, tmp_path, max_retries
+def test_a_full_disk_is_retried_then_recorded_failed_and_dead_lettered(
+    redis, tiny_artifacts, tmp_path, tmpfs, max_retries
 ):
     inputs = photos(tmp_path / "in", 1)
-    (tmp_path / "out").write_text("a file where the output folder should be")
+    disk = tmpfs("out", 2**16)
+    (disk / "filler").write_bytes(b"x" * 2**16)
     env = {"ITSD_MAX_RETRIES": str(max_retries)}
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
-        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
-    assert run.returncode == 1 and "storage: " in run.stderr
+        run = submit(redis.url, str(inputs), str(disk), "Cartoonize", "--wait", *STEPS)
+    assert run.returncode == 1 and "storage: " in run.stderr and "No space left" in run.stderr
+    assert f"failed {inputs / 'set0' / 'p000.png'}: storage" in run.stderr  # the line names the input
     dead = [json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)]
     entry = next(e for e in dead if e["job"]["input_uri"].startswith(str(tmp_path)))
     assert entry["attempts"] == max_retries + 1 and entry["error_type"] == "storage"

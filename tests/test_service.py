@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -16,13 +17,14 @@ from conftest import photo
 from PIL import Image
 
 from core.access import Access
-from core.errors import ProviderError
+from core.errors import ModelUnavailable, ProviderError, StorageError, StorageRefused
 from core.images import encode_image
 from core.job import Job, job_id_for
 from core.params import EditParams
 from core.queue import Keys, forget_results, queue_for, record_result, redact, redis_client, status_counts
 from core.settings import Settings
 from core.standin import StandInModel
+from core.storage import storage_error
 from producer.local import RedisServer
 from worker.claims import Claim, owner_is_dead
 from worker.service import EditService, ModelSpec
@@ -112,6 +114,40 @@ def test_a_model_that_outputs_nan_fails_the_job_and_writes_nothing(client, tmp_p
     assert not Path(job.output_uri).exists()
 
 
+def test_storage_that_cannot_heal_fails_the_job_at_once_without_a_retry(client, tmp_path, tmpfs):
+    blocked = make_job(tmp_path)
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    read_only = Job.from_dict({**blocked.to_dict(), "output_uri": str(tmpfs("ro", 2**16, read_only=True) / "a.png")})
+    for job, reason in [(blocked, "a file is where its folder should be"), (read_only, "Read-only file system")]:
+        result = service(client, Invert(), max_retries=5).handle(job.to_dict(), 0, "w")  # no TransientError raised
+        assert (result["status"], result["error_type"], result["attempts"]) == ("failed", "storage_refused", 1)
+        assert reason in result["error_message"]
+        client.delete(Keys("batch1").attempts)
+
+
+def test_a_full_disk_is_transient(client, tmp_path, tmpfs):
+    disk = tmpfs("full", 2**16)
+    (disk / "filler").write_bytes(b"x" * 2**16)
+    job = Job.from_dict({**make_job(tmp_path).to_dict(), "output_uri": str(disk / "a.png")})
+    with pytest.raises(StorageError, match="No space left"):
+        service(client, Invert()).handle(job.to_dict(), 0, "w")
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), StorageRefused),
+        (PermissionError("Access Denied"), StorageRefused),  # as s3fs raises it, with no errno
+        (OSError(errno.EROFS, "Read-only file system"), StorageRefused),
+        (OSError(errno.ENOSPC, "No space left on device"), StorageError),
+        (OSError(errno.EIO, "Input/output error"), StorageError),
+        (TimeoutError("timed out"), StorageError),
+    ],
+)
+def test_storage_errors_are_permanent_only_when_waiting_cannot_heal_them(exc, kind):
+    assert type(storage_error("s3://b/a.png: cannot write", exc)) is kind
+
+
 def test_a_job_whose_output_exists_is_skipped_unless_overwrite(client, tmp_path):
     job = make_job(tmp_path)
     Path(job.output_uri).parent.mkdir(parents=True)
@@ -149,6 +185,18 @@ def test_transient_errors_are_raised_for_retry_then_dead_lettered_with_the_paylo
     entry = json.loads(client.lindex(Keys.dead, 0))
     assert entry["job"] == job.to_dict() and entry["attempts"] == 3
     assert client.get(Keys.claim(job.job_id)) is None  # the claim is released on every path
+
+
+def test_a_model_that_fails_its_warm_up_in_a_process_sends_its_jobs_back_for_another_worker(client, tmp_path):
+    job = make_job(tmp_path)
+    broken = StandInModel(transform=lambda x: np.full_like(x, np.nan))
+    svc = service(client, broken, max_retries=1)
+    svc.warm_up()  # logs why, and does not raise: the process serves its other models
+    assert svc.unavailable["m"].startswith("InvalidOutput: ")
+    with pytest.raises(ModelUnavailable, match="failed its warm-up on this worker"):
+        svc.handle(job.to_dict(), 0, "w")  # retried: the next attempt may go to a worker that can run it
+    result = svc.handle(job.to_dict(), 1, "w")
+    assert (result["status"], result["error_type"]) == ("failed", "model_unavailable")  # never waits forever
 
 
 def test_a_cancelled_batch_records_its_jobs_as_cancelled_without_running_them(client, tmp_path):

@@ -30,6 +30,9 @@ def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_sh
     # long, then requeues what is still running instead of losing it.
     app.conf.worker_soft_shutdown_timeout = soft_shutdown_timeout
     app.conf.worker_enable_soft_shutdown_on_idle = True
+    # A pool process loads and warms up its models before it says it is up; billiard kills one that takes
+    # longer than this (4 s by default: a large model on a CPU, or a TensorRT engine build, takes longer).
+    app.conf.worker_proc_alive_timeout = settings.warm_up_timeout
     service = EditService(models, redis_client(url), settings)
 
     @app.task(name=TASK_NAME, bind=True)
@@ -44,10 +47,7 @@ def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_sh
 
     @worker_process_init.connect(weak=False)
     def load_models(**_: Any) -> None:
-        try:
-            service.warm_up()
-        except Exception:  # the job that needs the model will report the failure with its reason
-            log.exception("warm-up failed")
+        service.warm_up()
 
     app.itsd_service = service  # for the solo pool, which has no pool processes to initialise
     return app

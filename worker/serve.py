@@ -15,12 +15,14 @@ from typing import Any
 import click
 
 from core.access import parse_roots
-from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError
+from core.edit import Tiling
+from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError, WarmUpFailed
 from core.manifest import Manifest
 from core.options import no_password_on_argv, tile_batch_option
 from core.queue import Keys, check_broker_url, check_connection, queue_for, redact, redis_client
 from core.settings import Settings
 from worker.service import ModelSpec
+from worker.warmup import probe
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def serve(
     loglevel: str = "INFO",
     settings: Settings | None = None,
 ) -> None:
-    """Register the models and run a Celery worker on their queues until it is told to stop."""
+    """Warm each model up, register those that passed, and run a Celery worker on their queues until it is
+    told to stop. Raises WarmUpFailed if no model passed."""
     from worker.app import make_app
 
     settings = settings or Settings.from_env()
@@ -86,6 +89,12 @@ def serve(
             " or ".join(missing),
             " or ".join(missing),
         )
+    failures = probe(models, Tiling(batch=settings.tile_batch), settings.warm_up_timeout)
+    for name, reason in failures.items():
+        log.error("model %s failed its warm-up, so this worker does not serve it: %s", name, reason)
+    models = {name: spec for name, spec in models.items() if name not in failures}
+    if not models:
+        raise WarmUpFailed("no model passed its warm-up: " + "; ".join(f"{n}: {r}" for n, r in failures.items()))
     register(url, models, hostname)
     app = make_app(url, settings, models, soft_shutdown_timeout)
     queues = ",".join(queue_for(name) for name in models)
@@ -185,4 +194,7 @@ def worker(
         log.warning("%s; waiting for it (workers start before Redis is up, and ride out its restarts)", exc)
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
-    serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings)
+    try:
+        serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings)
+    except WarmUpFailed as exc:
+        raise click.ClickException(str(exc)) from None

@@ -24,6 +24,7 @@ from core.errors import (
     InvalidImage,
     InvalidModel,
     ItsdError,
+    ModelUnavailable,
     OutOfMemory,
     OutsideRoots,
     PermanentError,
@@ -32,11 +33,11 @@ from core.errors import (
 )
 from core.images import decode_image, encode_image
 from core.job import Job, Result
-from core.params import EditParams
 from core.queue import Keys, record_result
 from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
 from worker.claims import Claim
+from worker.warmup import describe, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class EditService:
         self.client = client
         self.settings = settings
         self._loaded: dict[str, Backend] = {}
+        self.unavailable: dict[str, str] = {}  # model -> why its warm-up failed in this process
         self.tiling = Tiling(batch=settings.tile_batch)
 
     def backend(self, name: str) -> Backend:
@@ -84,15 +86,17 @@ class EditService:
         return self._loaded[name]
 
     def warm_up(self) -> None:
-        """Load every model and run a one-step edit of one native tile (the shape every large photo's tiles
-        have), so the first real job pays no start-up cost."""
-        from PIL import Image
-
+        """Load and warm up every model in this process, so its first job pays no start-up cost. A model that
+        fails here (the worker's probe passed, so: this process's share of a device, say) is unavailable in this
+        process: its jobs are retried, and so go to other workers."""
         for name in self.models:
             start = time.perf_counter()
-            backend = self.backend(name)
-            side = backend.facts.tile_size
-            edit_image(backend, Image.new("RGB", (side, side), (128, 128, 128)), "warm up", _WARM_UP, self.tiling)
+            try:
+                warm_up(self.backend(name), self.tiling)
+            except Exception as exc:
+                self.unavailable[name] = describe(exc)
+                log.error("model %s failed its warm-up in this process; its jobs go back to the queue: %s", name, exc)
+                continue
             log.info("model %s ready (loaded and warmed up in %.1f s)", name, time.perf_counter() - start)
 
     # --- the task body ---------------------------------------------------------------------------
@@ -138,6 +142,9 @@ class EditService:
     def _edit(self, job: Job, keys: Keys, base: Result) -> Result:
         if job.model not in self.models:
             raise InvalidModel(f"this worker does not serve model {job.model!r} (it serves {', '.join(self.models)})")
+        if job.model in self.unavailable:
+            reason = self.unavailable[job.model]
+            raise ModelUnavailable(f"model {job.model} failed its warm-up on this worker: {reason}")
         spec = self.models[job.model]
         if job.model_id and job.model_id != spec.model_id:
             raise InvalidModel(f"job was submitted for model {job.model_id}; this worker serves {spec.model_id}")
@@ -234,6 +241,3 @@ class EditService:
         log.error("refused a malformed job %s: %s", job_id, exc)
         self._dead_letter(payload if isinstance(payload, dict) else {"raw": repr(payload)}, result)
         return result.to_dict()
-
-
-_WARM_UP = EditParams(steps=1, seed=0)
