@@ -45,7 +45,7 @@ class FixedCost(StandInModel):
 
 
 def serve_stand_in(argv: list[str]) -> None:
-    """Worker process entry: `fleet.py --serve --cost S --concurrency 1 --hostname NAME`."""
+    """Worker process entry: `fleet.py --serve --cost S --concurrency 1 --hostname NAME [--loglevel L]`."""
     from worker.serve import serve
     from worker.service import ModelSpec
 
@@ -54,10 +54,11 @@ def serve_stand_in(argv: list[str]) -> None:
     parser.add_argument("--cost", type=float)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--hostname")
+    parser.add_argument("--loglevel", default="WARNING")
     args = parser.parse_args(argv)
     name = model_name(args.cost)
     spec = ModelSpec(name, f"stand-in-{args.cost}s", "bench", lambda: FixedCost(args.cost))
-    serve(os.environ["ITSD_BROKER_URL"], {name: spec}, args.concurrency, args.hostname, loglevel="WARNING")
+    serve(os.environ["ITSD_BROKER_URL"], {name: spec}, args.concurrency, args.hostname, loglevel=args.loglevel)
 
 
 def model_name(cost: float) -> str:
@@ -87,13 +88,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def start_workers(url: str, cost: float, count: int, work: Path) -> list[LocalWorker]:
-    """Stand-in workers whose roots are `work`, where the jobs' inputs and outputs are."""
-    command = [sys.executable, __file__, "--serve", "--cost", str(cost)]
-    roots = {"ITSD_INPUT_ROOTS": str(work), "ITSD_OUTPUT_ROOTS": str(work)}
+def start_workers(
+    url: str, cost: float, count: int, work: Path, first: int = 0, loglevel: str = "WARNING", **env: str
+) -> list[LocalWorker]:
+    """Stand-in workers (named bench<first>, ...) whose roots are `work`, where the jobs' inputs and outputs are."""
+    command = [sys.executable, __file__, "--serve", "--cost", str(cost), "--loglevel", loglevel]
+    env = {"ITSD_INPUT_ROOTS": str(work), "ITSD_OUTPUT_ROOTS": str(work), **env}
     return [
-        LocalWorker(url, {}, f"bench{i}", work / f"w{i}.log", extra_env=roots, command=list(command)).start()
-        for i in range(count)
+        LocalWorker(url, {}, f"bench{i}", work / f"w{i}.log", extra_env=env, command=list(command)).start()
+        for i in range(first, first + count)
     ]
 
 

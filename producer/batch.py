@@ -183,12 +183,17 @@ def submit_batch(
         client.expire(key, settings.result_expires)
     client.zadd(Keys.batches, {batch_id: now})
 
+    enqueue(broker, pending, model)
+    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
+
+
+def enqueue(broker: Broker, jobs: list[Job], model: str) -> None:
+    """Send each job to its model's queue, by task name (the task id is the job id)."""
     queue = queue_for(model)
     with broker.app.producer_or_acquire() as producer:
-        for job in pending:
+        for job in jobs:
             message = replace(job, submitted_at=time.time()).to_dict()
             broker.app.send_task(TASK_NAME, args=[message], queue=queue, task_id=job.job_id, producer=producer)
-    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
 
 
 # --- reading a batch back ---------------------------------------------------------------------------

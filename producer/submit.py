@@ -23,6 +23,7 @@ from core.queue import Keys, check_broker_url, redact
 from core.settings import Settings
 from core.storage import write_atomic
 from producer.batch import Broker, Submission, batch_record, cancel_batch, per_worker, progress, results, submit_batch
+from producer.recovery import requeue_lost
 from producer.sources import collect_sources
 
 FAILURES_SHOWN = 20
@@ -48,23 +49,42 @@ def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def wait_for(broker: Broker, batch_id: str, quiet: bool = False, poll: float = 0.5) -> dict[str, int]:
+def wait_for(
+    broker: Broker,
+    batch_id: str,
+    quiet: bool = False,
+    poll: float = 0.5,
+    stalled_after: float = 30.0,
+    timeout: float = float("inf"),
+) -> dict[str, int]:
     """Block until every job of the batch is final, with a progress bar (done, failed, images/s, ETA). While
-    Redis is unreachable it says so on one line and keeps waiting, as the workers do; Ctrl-C stops it."""
+    Redis is unreachable it says so on one line and keeps waiting, as the workers do; Ctrl-C stops it. After
+    `stalled_after` seconds without progress it looks for jobs whose message was lost, and sends them again.
+    After `timeout` seconds it returns the counts so far."""
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     total, counts = progress(broker.client, batch_id)
-    unreachable = False
+    unreachable, moved, seen = False, time.monotonic(), 0
+    deadline = moved + timeout
     with tqdm(total=total, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
         while True:
             finished = sum(counts.values())
             bar.set_postfix(done=counts["done"] + counts["skipped"], failed=counts["failed"], refresh=False)
+            if finished != seen:
+                moved, seen = time.monotonic(), finished
             bar.update(finished - bar.n)
-            if finished >= total:
+            if finished >= total or time.monotonic() > deadline:
                 return counts
             time.sleep(poll)
             try:
+                if time.monotonic() - moved > stalled_after:  # no progress: is a job's message lost?
+                    moved = time.monotonic()
+                    if lost := requeue_lost(broker, batch_id):
+                        bar.write(
+                            f"{lost} job(s) lost their message (Redis stopped as a worker took it): sent again",
+                            sys.stderr,
+                        )
                 total, counts = progress(broker.client, batch_id)
             except (RedisConnectionError, RedisTimeoutError):
                 if not unreachable:

@@ -129,6 +129,7 @@ def test_two_models_are_routed_to_their_own_queues(redis, tiny_artifacts, second
     assert not np.array_equal(a, b)  # different weights, different pictures
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_its_warm_up_is_not_served_and_a_worker_left_with_none_exits(
     redis, tiny_artifacts, tmp_path
 ):
@@ -152,6 +153,24 @@ def test_a_model_that_fails_its_warm_up_is_not_served_and_a_worker_left_with_non
     assert "no model passed its warm-up: broken: " in alone.log_tail()
     assert refused.returncode != 0 and "no worker has registered model 'broken'" in refused.stderr
     assert not client.hexists(Keys.models, "broken")
+
+
+@pytest.mark.slow
+def test_a_job_whose_message_was_lost_is_sent_again_by_the_waiting_producer(redis, tiny_artifacts, tmp_path):
+    from core.settings import Settings
+    from producer.batch import Broker
+    from producer.submit import wait_for
+
+    inputs, client = photos(tmp_path / "in", 3), redis_client(redis.url)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        pass  # registers model a; no worker takes the jobs below until one is taken from the queue
+    run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", *STEPS)
+    assert run.returncode == 0, run.stderr
+    assert client.rpop("itsd.a") is not None  # taken as BRPOP takes it, never recorded: Redis "stopped"
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        counts = wait_for(Broker(redis.url, Settings()), batch_id(run.stdout), quiet=True, stalled_after=2)
+    assert counts["done"] == 3 and len(list((tmp_path / "out").rglob("*.png"))) == 3
+    assert client.hget(Keys(batch_id(run.stdout)).batch, "requeued") == b"1"
 
 
 def start_slow_job(redis, inputs: Path, out: Path, steps: int) -> tuple[str, str, int]:
