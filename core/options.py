@@ -88,6 +88,33 @@ tile_batch_option = click.option(
 )
 
 
+RUNTIMES = ("auto", "onnxruntime", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def runtime_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--runtime and --precision: what runs an artifact folder's graphs (worker.runtimes decides `auto`)."""
+    runtime = click.option(
+        "--runtime",
+        type=click.Choice(RUNTIMES),
+        envvar="ITSD_RUNTIME",
+        default="auto",
+        show_default=True,
+        help="onnxruntime (TensorRT, CUDA, CPU) or openvino (CPUs); auto: openvino on an x86 CPU that has it "
+        "installed and no GPU, else onnxruntime. [env: ITSD_RUNTIME]",
+    )
+    precision = click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        envvar="ITSD_PRECISION",
+        default="auto",
+        show_default=True,
+        help="bf16 (openvino only) or fp32; auto: bf16 where the CPU has it natively, once a probe edit shows it "
+        "within ITSD_BF16_MIN_PSNR dB of fp32. [env: ITSD_PRECISION]",
+    )
+    return runtime(precision(command))
+
+
 def no_password_on_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A --broker callback: a URL with a password typed on the command line is refused (every user on the host
     can read a process's argv with `ps`); the same URL from ITSD_BROKER_URL is fine."""

@@ -26,7 +26,7 @@ from core.errors import InvalidModel, ItsdError
 from core.inputs import InputFile, check_destination
 from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
-from core.options import edit_options, no_password_on_argv, tile_batch_option
+from core.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
 from core.params import EditParams
 from core.queue import Keys, check_broker_url
 from core.settings import Settings
@@ -150,6 +150,7 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
     "[env: ITSD_RUN_BROKER_URL, not ITSD_BROKER_URL]",
 )
 @edit_options
+@runtime_options
 @tile_batch_option
 @click.option("--overwrite", is_flag=True, help="Recompute images whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -161,6 +162,8 @@ def run(
     workers: int,
     broker: str | None,
     params: EditParams,
+    runtime: str,
+    precision: str,
     tile_batch: int,
     overwrite: bool,
     quiet: bool,
@@ -189,7 +192,12 @@ def run(
                     {name: str(artifacts)},
                     f"local{i}",
                     logs / f"worker{i}.log",
-                    extra_env={"ITSD_TILE_BATCH": str(tile_batch), **local_roots(sources, out)},
+                    extra_env={
+                        "ITSD_TILE_BATCH": str(tile_batch),
+                        "ITSD_RUNTIME": runtime,
+                        "ITSD_PRECISION": precision,
+                        **local_roots(sources, out),
+                    },
                 )
                 for i in range(workers)
             ]
@@ -209,6 +217,8 @@ def run(
                 "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
                 "workers": workers,
                 "tile_batch": tile_batch,
+                "runtime": runtime,
+                "precision": precision,
                 "total": submission.total,
                 "seconds": round(seconds, 2),
                 "images_per_s": round(counts["done"] / seconds, 3),

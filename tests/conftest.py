@@ -11,6 +11,7 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the Hub
 os.environ.setdefault("ITSD_PROVIDERS", "CPUExecutionProvider")
+os.environ.setdefault("ITSD_RUNTIME", "onnxruntime")  # OpenVINO's tests ask for it by name (test_runtimes.py)
 
 
 @pytest.fixture(scope="session")

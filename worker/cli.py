@@ -9,12 +9,12 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from core.backends import BACKENDS, load_backend
-from core.edit import Tiling, edit_image
+from core.backends import BACKENDS, detect, load_backend
+from core.edit import Backend, Tiling, edit_image
 from core.errors import ItsdError
 from core.images import encode_image, read_image_file
 from core.inputs import check_destination, expand
-from core.options import edit_options, tile_batch_option
+from core.options import edit_options, runtime_options, tile_batch_option
 from core.params import EditParams
 from core.settings import Settings
 from core.storage import write_atomic
@@ -39,6 +39,15 @@ class TileProgress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def load(model: str, backend: str, runtime: str, precision: str) -> Backend:
+    """The artifacts on their runtime (onnx), or the checkpoint's torch modules (torch)."""
+    if backend == "onnx" and detect(model) == "onnx":
+        from worker.runtimes import load_artifacts
+
+        return load_artifacts(Path(model), runtime, precision)
+    return load_backend(model, backend)
 
 
 @click.command()
@@ -67,6 +76,7 @@ class TileProgress:
     show_default=True,
     help="onnx: the artifacts a worker runs; torch: the checkpoint's own torch modules in the same loop, a baseline.",
 )
+@runtime_options
 @tile_batch_option
 @click.option("--skip-existing", is_flag=True, help="Leave images whose output exists alone (resume a run).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -77,6 +87,8 @@ def edit(
     out: Path,
     params: EditParams,
     backend: str,
+    runtime: str,
+    precision: str,
     tile_batch: int,
     skip_existing: bool,
     quiet: bool,
@@ -93,7 +105,7 @@ def edit(
         check_destination(inputs, out)
         skipped = [item for item in inputs if skip_existing and (out / item.relative).exists()]
         inputs = [item for item in inputs if item not in skipped]
-        pipeline = load_backend(model, backend) if inputs else None
+        pipeline = load(model, backend, runtime, precision) if inputs else None
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     failures, start = 0, time.perf_counter()

@@ -15,10 +15,10 @@ from typing import Any
 import click
 
 from core.access import parse_roots
-from core.edit import Tiling
+from core.edit import Backend, Tiling
 from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError, WarmUpFailed
 from core.manifest import Manifest
-from core.options import no_password_on_argv, tile_batch_option
+from core.options import no_password_on_argv, runtime_options, tile_batch_option
 from core.queue import Keys, check_broker_url, check_connection, queue_for, redact, redis_client
 from core.settings import Settings
 from worker.service import ModelSpec
@@ -39,16 +39,16 @@ def parse_device(device: str) -> tuple[tuple[str, ...] | None, int]:
     raise click.BadParameter(f"{device!r}: use auto, cpu or cuda:N", param_hint="--device")
 
 
-def onnx_model(name: str, folder: str, device: str) -> ModelSpec:
+def onnx_model(name: str, folder: str, device: str, runtime: str = "auto", precision: str = "auto") -> ModelSpec:
     """A served artifact folder: checked now (a bad folder stops the worker before it takes jobs),
-    loaded in each pool process later."""
+    loaded in each pool process later, on its runtime and precision."""
     manifest = Manifest.read(Path(folder))
     providers, device_id = parse_device(device)
 
-    def load() -> object:
-        from worker.pipeline import OnnxEditPipeline
+    def load() -> Backend:
+        from worker.runtimes import load_artifacts
 
-        return OnnxEditPipeline(Path(folder), providers, device_id)
+        return load_artifacts(Path(folder), runtime, precision, providers, device_id)
 
     return ModelSpec(name, manifest.model_id, str(Path(folder).resolve()), load)
 
@@ -102,7 +102,9 @@ def serve(
     app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel, "-P", "prefork"])
 
 
-def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
+def parse_models(
+    values: tuple[str, ...], device: str, runtime: str = "auto", precision: str = "auto"
+) -> dict[str, ModelSpec]:
     models: dict[str, ModelSpec] = {}
     for value in values:
         name, sep, folder = value.partition("=")
@@ -111,7 +113,7 @@ def parse_models(values: tuple[str, ...], device: str) -> dict[str, ModelSpec]:
         queue_for(name)  # validates the name
         if name in models:
             raise click.BadParameter(f"model {name!r} given twice", param_hint="--model")
-        models[name] = onnx_model(name, folder, device)
+        models[name] = onnx_model(name, folder, device, runtime, precision)
     return models
 
 
@@ -160,6 +162,7 @@ def _root_option(kind: str, what: str) -> Callable[[Callable[..., Any]], Callabl
     help="On SIGQUIT, seconds running jobs get to finish before they are handed back to the queue.",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Worker log level.")
+@runtime_options
 @tile_batch_option
 @_root_option("input", "A folder local inputs may be read from")
 @_root_option("output", "A folder outputs may be written under")
@@ -171,6 +174,8 @@ def worker(
     hostname: str | None,
     soft_shutdown_timeout: float,
     loglevel: str,
+    runtime: str,
+    precision: str,
     tile_batch: int,
     input_roots: tuple[Path, ...],
     output_roots: tuple[Path, ...],
@@ -179,7 +184,7 @@ def worker(
     after the fork, with a warm-up edit; SIGTERM finishes running jobs, then stops."""
     try:
         url = check_broker_url(broker)
-        models = parse_models(model_specs, device)
+        models = parse_models(model_specs, device, runtime, precision)
         settings = Settings.from_env()
         access = replace(
             settings.access,
