@@ -92,25 +92,25 @@ RUNTIMES = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def _env_choice(name: str, choices: tuple[str, ...], help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    env = f"ITSD_{name.upper()}"
+    kind, text = click.Choice(choices), f"{help} [env: {env}]"
+    return click.option(f"--{name}", type=kind, envvar=env, default="auto", show_default=True, help=text)
+
+
 def runtime_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--runtime and --precision: what runs an artifact folder's graphs (worker.runtimes decides `auto`)."""
-    runtime = click.option(
-        "--runtime",
-        type=click.Choice(RUNTIMES),
-        envvar="ITSD_RUNTIME",
-        default="auto",
-        show_default=True,
-        help="onnxruntime (TensorRT, CUDA, CPU) or openvino (CPUs); auto: openvino on an x86 CPU that has it "
-        "installed and no GPU, else onnxruntime. [env: ITSD_RUNTIME]",
+    runtime = _env_choice(
+        "runtime",
+        RUNTIMES,
+        "onnxruntime (TensorRT, CUDA, CPU) or openvino (CPUs); auto: openvino on an x86 CPU that has it installed "
+        "and no GPU, else onnxruntime.",
     )
-    precision = click.option(
-        "--precision",
-        type=click.Choice(PRECISIONS),
-        envvar="ITSD_PRECISION",
-        default="auto",
-        show_default=True,
-        help="bf16 (openvino only) or fp32; auto: bf16 where the CPU has it natively, once a probe edit shows it "
-        "within ITSD_BF16_MIN_PSNR dB of fp32. [env: ITSD_PRECISION]",
+    precision = _env_choice(
+        "precision",
+        PRECISIONS,
+        "bf16 (openvino only) or fp32; auto: bf16 where the CPU has it natively, once a probe edit shows it within "
+        "ITSD_BF16_MIN_PSNR dB of fp32.",
     )
     return runtime(precision(command))
 
