@@ -105,6 +105,7 @@ def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_
     assert len(list((tmp_path / "out").rglob("*.png"))) == 4
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_identical_files_at_two_paths_and_a_relative_input_each_get_their_own_output(redis, tiny_artifacts, tmp_path):
     for folder in ("a", "b"):
         (tmp_path / "in" / folder).mkdir(parents=True)
@@ -225,6 +226,7 @@ def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
     from celery import Celery
 
@@ -256,6 +258,7 @@ def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes
     assert client.llen("itsd.a") == 0
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 5)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
@@ -273,6 +276,7 @@ def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_inline_jobs_come_back_through_collect(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 3)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
@@ -449,6 +453,7 @@ def certificates(folder: Path) -> tuple[Path, Path, Path]:
     return folder / "server.pem", folder / "server.key", folder / "ca.pem"
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_the_fleet_works_over_tls_with_checked_certificates(tiny_artifacts, tmp_path):
     tls = certificates(tmp_path)
     inputs = photos(tmp_path / "in", 2)
