@@ -113,6 +113,7 @@ class Result:
     working_width: int | None = None  # the size the model worked at (the input's own unless max_side shrank it)
     working_height: int | None = None
     tiles: int | None = None  # UNet tiles per denoising step
+    runtime: str | None = None  # what ran the model: "openvino bf16", "onnxruntime CUDAExecutionProvider", ...
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     worker: str | None = None
     attempts: int = 1  # deliveries of this job so far, retries and redeliveries included

@@ -103,6 +103,7 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
         **info,
         "batch_id": batch_id,
         "per_worker": per_worker(found),
+        "runtimes": sorted({r.runtime for r in found if r.runtime}),  # what the workers chose
         "images": [
             {
                 "output": r.output_uri,
@@ -217,8 +218,7 @@ def run(
                 "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
                 "workers": workers,
                 "tile_batch": tile_batch,
-                "runtime": runtime,
-                "precision": precision,
+                "runtime_asked": f"{runtime} {precision}",
                 "total": submission.total,
                 "seconds": round(seconds, 2),
                 "images_per_s": round(counts["done"] / seconds, 3),

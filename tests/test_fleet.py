@@ -386,6 +386,7 @@ def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts,
     summary = json.loads((tmp_path / "out" / "itsd-run.json").read_text())
     assert summary["counts"]["done"] == 3 and (tmp_path / "out" / "itsd-contact-sheet.jpg").is_file()
     assert (summary["params"]["steps"], summary["params"]["guidance_scale"]) == (2, 7.0)  # as run: resolved
+    assert summary["runtimes"] == ["onnxruntime CPUExecutionProvider"]  # what the workers chose (conftest's pin)
     assert still_running(seen) == []
 
     big = photos(tmp_path / "big", 3, size=(512, 512))  # 1000 steps at 512 px: long enough to interrupt

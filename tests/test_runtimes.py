@@ -56,6 +56,7 @@ def test_openvino_in_fp32_matches_onnxruntime_on_a_tiled_image(tiny_artifacts, t
     pipeline = OpenVinoEditPipeline(tiny_artifacts, "fp32", tmp_path)
     edited = edit_image(pipeline, image, "Derain", PARAMS, Tiling(batch=2))
     assert edited.tiles == reference.tiles == 6
+    assert (onnx.label, pipeline.label) == ("onnxruntime CPUExecutionProvider", "openvino fp32")
     assert psnr(np.asarray(edited.image), np.asarray(reference.image)) >= 60
 
 

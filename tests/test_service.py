@@ -94,6 +94,12 @@ def test_a_job_writes_its_output_and_records_a_done_result(client, tmp_path):
     assert {"read", "decode", "edit", "encode", "write"} <= set(result["timings"])
 
 
+def test_the_result_names_the_runtime_that_ran_the_model(client, tmp_path):
+    backend = Invert()
+    backend.label = "openvino bf16"
+    assert service(client, backend).handle(make_job(tmp_path).to_dict(), 0, "w")["runtime"] == "openvino bf16"
+
+
 def test_a_large_image_is_edited_at_its_own_size_in_tiles_and_the_result_records_them(client, tmp_path):
     image = photo(150, 100, seed=3)
     job = make_job(tmp_path, data=encode_image(image, "a.png"))

@@ -49,6 +49,11 @@ class ArtifactPipeline:
         self.timings: dict[str, float] = defaultdict(float)  # seconds per component, summed over calls
         self.encode_text = lru_cache(maxsize=64)(self._encode_text_uncached)  # token states, (1, length, width)
 
+    @property
+    def label(self) -> str:
+        """The runtime and what it runs on (or in), for results and logs."""
+        raise NotImplementedError
+
     def _call(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 

@@ -44,6 +44,10 @@ class OpenVinoEditPipeline(ArtifactPipeline):
         }
         self.compiled: dict[tuple[str, tuple[tuple[int, ...], ...]], ov.CompiledModel] = {}
 
+    @property
+    def label(self) -> str:
+        return f"openvino {self.precision}"
+
     def compiled_for(self, name: str, inputs: dict[str, np.ndarray]) -> ov.CompiledModel:
         """The graph compiled for these inputs' shapes: compiled (or read from the disk cache) on first use.
         The graph is read from its file each time and dropped once compiled: only compiled graphs are kept (an

@@ -41,6 +41,10 @@ class OnnxEditPipeline(ArtifactPipeline):
             self.sessions[name] = sess = providers.session(folder / spec.filename, chosen)
             check_inputs(folder / spec.filename, [i.name for i in sess.get_inputs()], spec)
 
+    @property
+    def label(self) -> str:
+        return f"onnxruntime {self.sessions['unet'].get_providers()[0]}"
+
     @classmethod
     def load(cls, model: str) -> OnnxEditPipeline:
         return cls(Path(model))

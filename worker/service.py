@@ -179,6 +179,7 @@ class EditService:
             working_width=edit.working_size[0],
             working_height=edit.working_size[1],
             tiles=edit.tiles,
+            runtime=getattr(backend, "label", None),
             timings=watch.timings,
             finished_at=time.time(),
         )
