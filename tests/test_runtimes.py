@@ -86,3 +86,9 @@ def test_itsd_edit_runs_on_openvino(tiny_artifacts, tmp_path):
     run = CliRunner().invoke(itsd, [*args, "--runtime", "openvino", "--precision", "fp32", "--steps", "2", "-q"])
     assert run.exit_code == 0, run.output
     assert Image.open(tmp_path / "out" / "a.png").size == (80, 64)
+
+
+def test_a_worker_asked_for_bf16_on_onnxruntime_stops_before_loading_anything(tiny_artifacts):
+    args = ["worker", "-m", f"a={tiny_artifacts}", "--runtime", "onnxruntime", "--precision", "bf16"]
+    run = CliRunner().invoke(itsd, args, env={"ITSD_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert run.exit_code == 1 and "bf16 runs on the openvino runtime: add --runtime openvino" in run.output

@@ -80,6 +80,15 @@ def choose_precision(requested: str, runtime: str) -> str:
     return requested
 
 
+def check_choice(runtime: str, precision: str, providers: tuple[str, ...]) -> None:
+    """Refuse, before anything loads, a runtime that is not installed or bf16 on ONNX Runtime. `auto`
+    precision is left to the pool processes: asking OpenVINO about the CPU here would start its threads
+    in the process Celery forks."""
+    chosen = choose_runtime(runtime, providers)
+    if precision != "auto":
+        choose_precision(precision, chosen)
+
+
 def probe_psnr(fp32: Backend, other: Backend) -> float:
     """PSNR of a probe edit (one native tile of a smooth gradient) by `other` against `fp32`."""
     side = fp32.facts.tile_size

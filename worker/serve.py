@@ -21,6 +21,7 @@ from core.manifest import Manifest
 from core.options import no_password_on_argv, runtime_options, tile_batch_option
 from core.queue import Keys, check_broker_url, check_connection, queue_for, redact, redis_client
 from core.settings import Settings
+from worker.runtimes import check_choice
 from worker.service import ModelSpec
 from worker.warmup import probe
 
@@ -44,6 +45,7 @@ def onnx_model(name: str, folder: str, device: str, runtime: str = "auto", preci
     loaded in each pool process later, on its runtime and precision."""
     manifest = Manifest.read(Path(folder))
     providers, device_id = parse_device(device)
+    check_choice(runtime, precision, providers or Settings.from_env().providers)  # a bad pair stops the worker now
 
     def load() -> Backend:
         from worker.runtimes import load_artifacts
