@@ -7,12 +7,15 @@ weights), exports it with `itsd export`, then times, on one photo:
   (what a CPU user picks instead of itsd);
 - itsd's loop on ONNX Runtime (fp32), OpenVINO fp32 and OpenVINO bf16 (static shapes, compiled before
   timing; bf16 through its PSNR gate, as a worker loads it).
+Then it runs 1, 2 and 4 jobs at once on the gated OpenVINO graph, their UNet calls batched together as a
+`--batch-jobs` worker batches them (`worker.batching`), and reports images/s for each.
 It reports the fastest itsd runtime's speed-up over both diffusers runs, each image's PSNR against
 diffusers fp32; one UNet call of it against the CPU's bf16 matrix floor (the UNet's FLOPs, counted by
 torch's FlopCounterMode, over the GFLOP/s of a large bf16 MatMul on OpenVINO); and ONNX Runtime's time
 split by stage. Prints one JSON line.
 
-    python bench/pipeline.py [--size 256] [--steps 20] [--images 1] [--preset sd15] [--scheduler euler] [--workdir DIR]
+    python bench/pipeline.py [--size 256] [--steps 20] [--images 1] [--preset sd15] [--scheduler euler]
+                             [--batch-jobs 1,2,4] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,6 +87,26 @@ def unet_gflop(torch_backend, sample: np.ndarray, text: np.ndarray) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def batched_images_per_s(backend, image: Image.Image, params: EditParams, jobs: int) -> tuple[float, float]:
+    """Images/s of `jobs` edits run at once on threads, their UNet calls batched (`worker.batching`), after
+    a 3-step untimed round that compiles the batch's shapes; and the mean jobs per UNet call."""
+    from worker.batching import BatchedBackend
+
+    batched = BatchedBackend(backend)
+
+    def job(seed: int, steps: int = params.steps) -> None:
+        with batched.job():
+            edit_image(batched, image, INSTRUCTION, EditParams(**{**params.to_dict(), "seed": seed, "steps": steps}))
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda seed: job(seed, 3), range(jobs)))
+        batched.batcher.sizes.clear()
+        start = time.perf_counter()
+        list(pool.map(job, range(jobs)))
+        seconds = time.perf_counter() - start
+    return jobs / seconds, float(np.mean(batched.batcher.sizes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=256)
@@ -90,6 +114,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--scheduler", default="euler")
+    parser.add_argument("--batch-jobs", default="1,2,4", help="jobs run at once, batched, comma-separated")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint and export here")
     args = parser.parse_args()
 
@@ -180,6 +205,11 @@ def main() -> None:
     unet_s = (time.perf_counter() - start) / 3
     peak = bf16_matmul_gflops()
 
+    batching = {}
+    for jobs in (int(n) for n in args.batch_jobs.split(",")):
+        per_s, shared = batched_images_per_s(bf16, image, params, jobs)
+        batching[str(jobs)] = {"images_per_s": round(per_s, 4), "jobs_per_unet_call": round(shared, 2)}
+
     itsd_names = [k for k in figures if not k.startswith("diffusers")]
     fastest = min(itsd_names, key=figures.get)
     print(
@@ -205,6 +235,10 @@ def main() -> None:
                 "unet_gflop": round(gflop, 1),
                 "bf16_matmul_gflops": round(peak, 1),
                 "unet_over_floor": round(unet_s / (gflop / peak), 2),
+                "batched_jobs": batching,
+                "batched_gain_4_vs_1": round(batching["4"]["images_per_s"] / batching["1"]["images_per_s"], 2)
+                if {"1", "4"} <= batching.keys()
+                else None,
                 "onnx_stage_s": split,
                 "onnx_other_fraction": round(split["other"] / sum(split.values()), 4),
                 "export_s": export_s,

@@ -114,6 +114,7 @@ class Result:
     working_height: int | None = None
     tiles: int | None = None  # UNet tiles per denoising step
     runtime: str | None = None  # what ran the model: "openvino bf16", "onnxruntime CUDAExecutionProvider", ...
+    batched_jobs: int | None = None  # with --batch-jobs: the most jobs that shared one of its UNet calls
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     worker: str | None = None
     attempts: int = 1  # deliveries of this job so far, retries and redeliveries included

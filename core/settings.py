@@ -54,6 +54,7 @@ class Settings:
     # ITSD_INPUT_ROOTS, ITSD_OUTPUT_ROOTS, ITSD_URL_SCHEMES: what a worker may touch (core.access)
     access: Access = field(default_factory=Access)
     tile_batch: int = 1  # ITSD_TILE_BATCH: tiles per UNet call (each with its guidance copies); more helps GPUs
+    batch_jobs: int = 1  # ITSD_BATCH_JOBS: jobs a worker runs at once with their UNet calls batched (worker.batching)
     # ITSD_RUNTIME and ITSD_PRECISION are read by --runtime and --precision (core.options.runtime_options)
     bf16_min_psnr: float = 35.0  # ITSD_BF16_MIN_PSNR: dB a bf16 probe edit must keep against fp32
     warm_up_timeout: float = 900.0  # ITSD_WARM_UP_TIMEOUT: seconds a model may take to load and run one edit
@@ -74,6 +75,7 @@ class Settings:
             inline_max_bytes=_positive_int(env, "ITSD_INLINE_MAX_BYTES", cls.inline_max_bytes),
             max_input_bytes=_positive_int(env, "ITSD_MAX_INPUT_BYTES", cls.max_input_bytes),
             tile_batch=_positive_int(env, "ITSD_TILE_BATCH", cls.tile_batch),
+            batch_jobs=_positive_int(env, "ITSD_BATCH_JOBS", cls.batch_jobs),
             connect_timeout=float(_positive_int(env, "ITSD_CONNECT_TIMEOUT", int(cls.connect_timeout))),
             bf16_min_psnr=_positive_float(env, "ITSD_BF16_MIN_PSNR", cls.bf16_min_psnr),
             warm_up_timeout=float(_positive_int(env, "ITSD_WARM_UP_TIMEOUT", int(cls.warm_up_timeout))),

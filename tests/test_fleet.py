@@ -20,6 +20,7 @@ from conftest import photo
 from fleet import itsd, submit, workers
 from PIL import Image
 
+from core.images import psnr
 from core.queue import TASK_NAME, Keys, redis_client, status_counts
 from producer.cli import itsd as itsd_group
 from producer.local import LocalWorker, RedisServer, wait_registered
@@ -223,6 +224,70 @@ def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_
         running.kill()  # SIGKILL to the worker and its pool child: nothing acknowledges the job
         assert wait_done(client, bid)["done"] == 1
     assert json.loads(client.hget(Keys(bid).results, job_id))["worker"] != f"{running.name}@{os.uname().nodename}"
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
+
+
+def test_batched_jobs_match_itsd_edit_share_unet_calls_and_a_corrupt_one_fails_alone(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 6, size=(128, 96))  # 6 tiles each: a long enough UNet phase to overlap
+    (inputs / "broken.png").write_bytes(b"\x89PNG not really")
+    options = ["--steps", "12", "--seed", "3"]
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env={"ITSD_BATCH_JOBS": "3"}):
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", "--wait", *options)
+    results = [json.loads(r) for r in redis_client(redis.url).hvals(Keys(batch_id(run.stdout)).results)]
+    assert run.returncode == 1 and "6 done" in run.stdout and "1 failed" in run.stdout, run.stdout + run.stderr
+    assert "broken.png" in run.stderr and "invalid_image" in run.stderr
+    edit = ["edit", str(inputs), "-m", str(tiny_artifacts), "-i", "Derain", "-o", str(tmp_path / "ref"), "-q"]
+    CliRunner().invoke(itsd_group, [*edit, *options])
+    for output in sorted((tmp_path / "out").rglob("*.png")):
+        reference = np.asarray(Image.open(tmp_path / "ref" / output.relative_to(tmp_path / "out")))
+        assert psnr(np.asarray(Image.open(output)), reference) >= 60, output
+    shared = [r["batched_jobs"] for r in results if r["status"] == "done"]
+    assert max(shared) >= 2, shared  # jobs did run their UNet calls together
+
+
+@pytest.mark.slow
+def test_a_batching_worker_killed_mid_batch_loses_nothing_and_computes_nothing_twice(redis, tiny_artifacts, tmp_path):
+    inputs = photos(tmp_path / "in", 3, size=(256, 256))
+    client = redis_client(redis.url)
+    env = {"ITSD_VISIBILITY_TIMEOUT": "6", "ITSD_BATCH_JOBS": "3"}
+    spec = {"a": str(tiny_artifacts)}
+    with workers(redis, tmp_path, spec, env=env) as (batching,):
+        run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--steps", "300", "--seed", "1")
+        bid = batch_id(run.stdout)
+        deadline = time.monotonic() + 60
+        while sum(client.exists(Keys.claim(job.decode())) for job in client.hkeys(Keys(bid).jobs)) < 3:
+            assert time.monotonic() < deadline, "the three jobs never ran together"
+            time.sleep(0.05)
+        batching.kill()
+        with workers(redis, tmp_path, spec, env=env):
+            deadline = time.monotonic() + 180
+            while (counts := status_counts(client, Keys(bid)))["done"] < 3:
+                assert time.monotonic() < deadline, counts
+                time.sleep(0.5)
+    assert counts == {"done": 3, "skipped": 0, "failed": 0, "cancelled": 0}
+    assert all(int(n) >= 2 for n in client.hvals(Keys(bid).attempts))  # delivered again after the kill
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png", "p001.png", "p002.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_jobs", ["1", "2"], ids=["prefork", "threads"])
+def test_sigquit_hands_a_running_job_back_after_the_soft_shutdown_timeout(redis, tiny_artifacts, tmp_path, batch_jobs):
+    inputs = photos(tmp_path / "in", 1, size=(256, 256))
+    client = redis_client(redis.url)
+    env = {"ITSD_INPUT_ROOTS": str(tmp_path), "ITSD_OUTPUT_ROOTS": str(tmp_path), "ITSD_BATCH_JOBS": batch_jobs}
+    command = [*ITSD, "worker", "-m", f"a={tiny_artifacts}", "--soft-shutdown-timeout", "1"]
+    stopping = LocalWorker(redis.url, {}, "soft", tmp_path / "soft.log", extra_env=env, command=command).start()
+    try:
+        wait_registered(client, ["a"], [stopping])
+        bid, job_id, _ = start_slow_job(redis, inputs, tmp_path / "out", steps=300)
+        assert stopping.process is not None
+        stopping.process.send_signal(signal.SIGQUIT)
+        assert stopping.process.wait(timeout=30) is not None  # gone soon after the 1 s it was given
+    finally:
+        stopping.kill()
+    assert status_counts(client, Keys(bid))["done"] == 0 and not client.hexists(Keys(bid).results, job_id)
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):  # the job was handed back, not lost
+        assert wait_done(client, bid)["done"] == 1
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
 
 

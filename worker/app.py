@@ -7,11 +7,13 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_process_init
 
 from core.errors import TransientError
 from core.queue import TASK_NAME, celery_config, redis_client
 from core.settings import Settings
+from worker.batching import HandedBack
 from worker.service import EditService, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_sh
     # A pool process loads and warms up its models before it says it is up; billiard kills one that takes
     # longer than this (4 s by default: a large model on a CPU, or a TensorRT engine build, takes longer).
     app.conf.worker_proc_alive_timeout = settings.warm_up_timeout
+    # --batch-jobs: jobs run as threads of one process, over one loaded model, their UNet calls batched
+    app.conf.worker_pool = "worker.batching:ThreadPool" if settings.batch_jobs > 1 else "prefork"
     service = EditService(models, redis_client(url), settings)
 
     @app.task(name=TASK_NAME, bind=True)
@@ -44,10 +48,12 @@ def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_sh
             # was never recorded (the service records it failed and dead-letters it after the last attempt)
             retry = task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=settings.max_retries)
             raise retry from exc
+        except HandedBack as exc:  # a batching worker's cold shutdown: the message goes back, unacknowledged
+            raise Reject(str(exc), requeue=True) from exc
 
-    @worker_process_init.connect(weak=False)
     def load_models(**_: Any) -> None:
         service.warm_up()
 
-    app.itsd_service = service  # for the solo pool, which has no pool processes to initialise
+    # prefork and solo: in each pool process, after the fork; threads (--batch-jobs): once, in the worker
+    (worker_init if settings.batch_jobs > 1 else worker_process_init).connect(load_models, weak=False)
     return app

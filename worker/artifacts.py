@@ -49,6 +49,8 @@ class ArtifactPipeline:
         self.timings: dict[str, float] = defaultdict(float)  # seconds per component, summed over calls
         self.encode_text = lru_cache(maxsize=64)(self._encode_text_uncached)  # token states, (1, length, width)
 
+    max_unet_batch: int | None = None  # the largest UNet batch the runtime takes, if it has a bound
+
     @property
     def label(self) -> str:
         """The runtime and what it runs on (or in), for results and logs."""

@@ -5,13 +5,15 @@ about twice as fast again. Each graph is compiled for the exact shapes it is cal
 a tile's, in a batch of `--tile-batch` tiles times the guidance copies), once per shape, and the compiled
 model is cached on disk under ITSD_CACHE_DIR/openvino, so a worker's second start compiles nothing.
 
-Performance hint: LATENCY, on the worker too. Calls are made one at a time, and THROUGHPUT would split the
-cores into streams that a single call cannot use together.
+Performance hint: LATENCY, on the worker too. Calls are made one at a time (jobs batched together on
+threads, `worker.batching`, make one call of their UNet inputs), and THROUGHPUT would split the cores into
+streams that a single call cannot use together.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ class OpenVinoEditPipeline(ArtifactPipeline):
             "CACHE_DIR": str(cache),
         }
         self.compiled: dict[tuple[str, tuple[tuple[int, ...], ...]], ov.CompiledModel] = {}
+        self._lock = threading.Lock()  # a compiled model's call is not thread-safe (jobs batched on threads)
 
     @property
     def label(self) -> str:
@@ -67,6 +70,7 @@ class OpenVinoEditPipeline(ArtifactPipeline):
 
     def _call(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         try:
-            return self.compiled_for(name, inputs)(inputs)[0]
+            with self._lock:
+                return self.compiled_for(name, inputs)(inputs)[0]
         except RuntimeError as exc:
             raise ProviderError(f"{name} (OpenVINO): {str(exc).splitlines()[0]}") from exc

@@ -45,6 +45,13 @@ class OnnxEditPipeline(ArtifactPipeline):
     def label(self) -> str:
         return f"onnxruntime {self.sessions['unet'].get_providers()[0]}"
 
+    @property
+    def max_unet_batch(self) -> int | None:  # type: ignore[override]
+        """TensorRT builds the UNet's engine for the batch range in the manifest; other providers take any."""
+        if self.sessions["unet"].get_providers()[0] != "TensorrtExecutionProvider":
+            return None
+        return self.manifest.tensorrt_profiles.get("unet", {}).get("sample", {}).get("max", [None])[0]
+
     @classmethod
     def load(cls, model: str) -> OnnxEditPipeline:
         return cls(Path(model))

@@ -101,7 +101,10 @@ def serve(
     app = make_app(url, settings, models, soft_shutdown_timeout)
     queues = ",".join(queue_for(name) for name in models)
     log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel, "-P", "prefork"])
+    # --batch-jobs: that many jobs at once, as threads over one loaded model (the pool is worker_pool, set by
+    # make_app: the -P option takes only Celery's own names), their UNet calls batched
+    concurrency = settings.batch_jobs if settings.batch_jobs > 1 else concurrency
+    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel])
 
 
 def parse_models(
@@ -164,6 +167,15 @@ def _root_option(kind: str, what: str) -> Callable[[Callable[..., Any]], Callabl
     help="On SIGQUIT, seconds running jobs get to finish before they are handed back to the queue.",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Worker log level.")
+@click.option(
+    "--batch-jobs",
+    type=click.IntRange(1, 64),
+    envvar="ITSD_BATCH_JOBS",
+    default=1,
+    show_default=True,
+    help="Jobs run at once in one process, their UNet calls batched together (the throughput lever on GPUs); "
+    "with more than 1, --concurrency must be 1. [env: ITSD_BATCH_JOBS]",
+)
 @runtime_options
 @tile_batch_option
 @_root_option("input", "A folder local inputs may be read from")
@@ -176,6 +188,7 @@ def worker(
     hostname: str | None,
     soft_shutdown_timeout: float,
     loglevel: str,
+    batch_jobs: int,
     runtime: str,
     precision: str,
     tile_batch: int,
@@ -184,6 +197,11 @@ def worker(
 ) -> None:
     """Run a Celery worker that edits images with ONNX Runtime. Sessions load once per pool process,
     after the fork, with a warm-up edit; SIGTERM finishes running jobs, then stops."""
+    if batch_jobs > 1 and concurrency > 1:
+        raise click.BadParameter(
+            "batched jobs share one process; run more workers (or --batch-jobs 1) for more processes",
+            param_hint="--concurrency with --batch-jobs",
+        )
     try:
         url = check_broker_url(broker)
         models = parse_models(model_specs, device, runtime, precision)
@@ -193,7 +211,7 @@ def worker(
             input_roots=parse_roots(os.pathsep.join(map(str, input_roots))) or settings.access.input_roots,
             output_roots=parse_roots(os.pathsep.join(map(str, output_roots))) or settings.access.output_roots,
         )
-        settings = replace(settings, tile_batch=tile_batch, access=access)
+        settings = replace(settings, tile_batch=tile_batch, batch_jobs=batch_jobs, access=access)
         check_connection(url, settings.connect_timeout)
     except BrokerUnreachable as exc:
         if isinstance(exc, BrokerAuthError):  # a wrong or missing password: say so, do not hang

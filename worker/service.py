@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +37,7 @@ from core.job import Job, Result
 from core.queue import Keys, record_result
 from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
+from worker.batching import BatchedBackend, ThreadPool
 from worker.claims import Claim
 from worker.warmup import describe, warm_up
 
@@ -82,7 +84,10 @@ class EditService:
 
     def backend(self, name: str) -> Backend:
         if name not in self._loaded:
-            self._loaded[name] = self.models[name].load()
+            loaded = self.models[name].load()
+            # jobs on threads of this process share UNet calls; the warm-up runs on the model itself
+            batched = self.settings.batch_jobs > 1
+            self._loaded[name] = BatchedBackend(loaded, stopping=ThreadPool.stopping) if batched else loaded
         return self._loaded[name]
 
     def warm_up(self) -> None:
@@ -154,8 +159,9 @@ class EditService:
         image = decode_image(data, self.settings.max_pixels)
         watch.lap("decode")
         backend = self.backend(job.model)
-        before = dict(getattr(backend, "timings", {}))
-        edit = edit_image(backend, image, job.instruction, job.params, self.tiling)
+        with backend.job() if isinstance(backend, BatchedBackend) else nullcontext():
+            before = dict(getattr(backend, "timings", {}))
+            edit = edit_image(backend, image, job.instruction, job.params, self.tiling)
         watch.lap("edit")
         for stage, seconds in getattr(backend, "timings", {}).items():
             watch.timings[f"edit.{stage}"] = round(seconds - before.get(stage, 0.0), 6)
@@ -180,6 +186,7 @@ class EditService:
             working_height=edit.working_size[1],
             tiles=edit.tiles,
             runtime=getattr(backend, "label", None),
+            batched_jobs=backend.shared if isinstance(backend, BatchedBackend) else None,
             timings=watch.timings,
             finished_at=time.time(),
         )
