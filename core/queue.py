@@ -129,8 +129,8 @@ def celery_config(url: str, settings: Settings) -> dict[str, Any]:
         "broker_use_ssl": tls,
         "redis_backend_use_ssl": tls,
         "task_track_started": True,
-        "task_send_sent_event": True,  # Flower shows queued jobs
-        "worker_send_task_events": True,
+        "task_send_sent_event": settings.celery_events,  # Flower shows queued jobs
+        "worker_send_task_events": settings.celery_events,
         "worker_hijack_root_logger": False,
     }
 

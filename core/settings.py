@@ -32,6 +32,13 @@ def _positive_float(env: dict[str, str], name: str, default: float) -> float:
     return number
 
 
+def _flag(env: dict[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value not in ("", "0", "1", "false", "true", "no", "yes"):
+        raise InvalidParameters(f"{name} must be 1 or 0, got {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itsd"
 
@@ -58,6 +65,8 @@ class Settings:
     # ITSD_RUNTIME and ITSD_PRECISION are read by --runtime and --precision (core.options.runtime_options)
     bf16_min_psnr: float = 35.0  # ITSD_BF16_MIN_PSNR: dB a bf16 probe edit must keep against fp32
     warm_up_timeout: float = 900.0  # ITSD_WARM_UP_TIMEOUT: seconds a model may take to load and run one edit
+    # ITSD_CELERY_EVENTS=1: Celery's task events, for Flower (off by default: a few Redis writes per job)
+    celery_events: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -79,6 +88,7 @@ class Settings:
             connect_timeout=float(_positive_int(env, "ITSD_CONNECT_TIMEOUT", int(cls.connect_timeout))),
             bf16_min_psnr=_positive_float(env, "ITSD_BF16_MIN_PSNR", cls.bf16_min_psnr),
             warm_up_timeout=float(_positive_int(env, "ITSD_WARM_UP_TIMEOUT", int(cls.warm_up_timeout))),
+            celery_events=_flag(env, "ITSD_CELERY_EVENTS"),
             access=Access(
                 parse_roots(env.get("ITSD_INPUT_ROOTS", "")),
                 parse_roots(env.get("ITSD_OUTPUT_ROOTS", "")),

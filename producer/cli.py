@@ -26,6 +26,7 @@ COMMANDS: dict[str, Entry] = {
     "status": Entry("producer.submit:status", "producer", "Counts, failures and throughput of a batch."),
     "collect": Entry("producer.submit:collect", "producer", "Write a batch's inline results to files."),
     "cancel": Entry("producer.submit:cancel", "producer", "Cancel a batch: its queued jobs never run."),
+    "metrics": Entry("producer.metrics:metrics", "producer", "Serve the queue's depth and progress for Prometheus."),
     "run": Entry("producer.run:run", "worker", "Everything on one machine: private Redis, local workers, a batch."),
     "prepare": Entry(
         "training.prepare_cli:prepare",

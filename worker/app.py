@@ -14,6 +14,7 @@ from core.errors import TransientError
 from core.queue import TASK_NAME, celery_config, redis_client
 from core.settings import Settings
 from worker.batching import HandedBack
+from worker.metrics import WorkerMetrics
 from worker.service import EditService, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,13 @@ def backoff(retries: int) -> float:
     return float(min(60, 2**retries))
 
 
-def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_shutdown_timeout: float = 30.0) -> Celery:
+def make_app(
+    url: str,
+    settings: Settings,
+    models: dict[str, ModelSpec],
+    soft_shutdown_timeout: float = 30.0,
+    metrics: WorkerMetrics | None = None,
+) -> Celery:
     app = Celery("itsd", set_as_current=True)
     app.conf.update(celery_config(url, settings))
     app.conf.broker_transport = "worker.transport:Transport"  # a bad queue entry is dead-lettered, not fatal
@@ -37,7 +44,7 @@ def make_app(url: str, settings: Settings, models: dict[str, ModelSpec], soft_sh
     app.conf.worker_proc_alive_timeout = settings.warm_up_timeout
     # --batch-jobs: jobs run as threads of one process, over one loaded model, their UNet calls batched
     app.conf.worker_pool = "worker.batching:ThreadPool" if settings.batch_jobs > 1 else "prefork"
-    service = EditService(models, redis_client(url), settings)
+    service = EditService(models, redis_client(url), settings, metrics)
 
     @app.task(name=TASK_NAME, bind=True)
     def edit(task: Task, payload: dict[str, Any]) -> dict[str, Any]:

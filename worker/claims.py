@@ -30,7 +30,7 @@ _STEAL = (
 HOST = socket.gethostname()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +45,7 @@ def owner_is_dead(owner: str) -> bool:
     parts = owner.rsplit(":", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return False
-    return parts[0] == HOST and not _alive(int(parts[1]))
+    return parts[0] == HOST and not process_alive(int(parts[1]))
 
 
 class Claim:

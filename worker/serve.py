@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,10 @@ def serve(
     soft_shutdown_timeout: float = 30.0,
     loglevel: str = "INFO",
     settings: Settings | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Warm each model up, register those that passed, and run a Celery worker on their queues until it is
-    told to stop. Raises WarmUpFailed if no model passed."""
+    told to stop (with `/metrics` and `/ready` on `metrics_port`). Raises WarmUpFailed if no model passed."""
     from worker.app import make_app
 
     settings = settings or Settings.from_env()
@@ -98,13 +100,22 @@ def serve(
     if not models:
         raise WarmUpFailed("no model passed its warm-up: " + "; ".join(f"{n}: {r}" for n, r in failures.items()))
     register(url, models, hostname)
-    app = make_app(url, settings, models, soft_shutdown_timeout)
-    queues = ",".join(queue_for(name) for name in models)
-    log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
-    # --batch-jobs: that many jobs at once, as threads over one loaded model (the pool is worker_pool, set by
-    # make_app: the -P option takes only Celery's own names), their UNet calls batched
-    concurrency = settings.batch_jobs if settings.batch_jobs > 1 else concurrency
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel])
+    with ExitStack() as stack:
+        metrics = None
+        if metrics_port is not None:  # before the fork: the pool processes inherit the metrics and their folder
+            from worker.metrics import MetricsServer, WorkerMetrics, enable
+
+            server = MetricsServer(enable(), metrics_port).start()
+            stack.callback(server.close)
+            metrics = WorkerMetrics()
+            log.info("metrics on http://0.0.0.0:%d/metrics, readiness on /ready", server.port)
+        app = make_app(url, settings, models, soft_shutdown_timeout, metrics)
+        queues = ",".join(queue_for(name) for name in models)
+        log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
+        # --batch-jobs: that many jobs at once, as threads over one loaded model (the pool is worker_pool, set
+        # by make_app: the -P option takes only Celery's own names), their UNet calls batched
+        concurrency = settings.batch_jobs if settings.batch_jobs > 1 else concurrency
+        app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel])
 
 
 def parse_models(
@@ -176,6 +187,13 @@ def _root_option(kind: str, what: str) -> Callable[[Callable[..., Any]], Callabl
     help="Jobs run at once in one process, their UNet calls batched together (the throughput lever on GPUs); "
     "with more than 1, --concurrency must be 1. [env: ITSD_BATCH_JOBS]",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="ITSD_METRICS_PORT",
+    help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics and readiness on /ready (200 once the "
+    "models are loaded and warmed up). [env: ITSD_METRICS_PORT]",
+)
 @runtime_options
 @tile_batch_option
 @_root_option("input", "A folder local inputs may be read from")
@@ -189,6 +207,7 @@ def worker(
     soft_shutdown_timeout: float,
     loglevel: str,
     batch_jobs: int,
+    metrics_port: int | None,
     runtime: str,
     precision: str,
     tile_batch: int,
@@ -220,6 +239,6 @@ def worker(
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings)
+        serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings, metrics_port)
     except WarmUpFailed as exc:
         raise click.ClickException(str(exc)) from None

@@ -39,6 +39,7 @@ from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
 from worker.batching import BatchedBackend, ThreadPool
 from worker.claims import Claim
+from worker.metrics import WorkerMetrics
 from worker.warmup import describe, warm_up
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ def _transient(exc: BaseException) -> TransientError | None:
 
 
 class EditService:
-    def __init__(self, models: dict[str, ModelSpec], client: Any, settings: Settings) -> None:
+    def __init__(
+        self, models: dict[str, ModelSpec], client: Any, settings: Settings, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.models = models
+        self.metrics = metrics  # None: no --metrics-port
         self.client = client
         self.settings = settings
         self._loaded: dict[str, Backend] = {}
@@ -103,6 +107,10 @@ class EditService:
                 log.error("model %s failed its warm-up in this process; its jobs go back to the queue: %s", name, exc)
                 continue
             log.info("model %s ready (loaded and warmed up in %.1f s)", name, time.perf_counter() - start)
+            if self.metrics is not None:
+                self.metrics.served(name, self.models[name].model_id, getattr(self.backend(name), "label", None))
+        if self.metrics is not None and len(self.unavailable) < len(self.models):
+            self.metrics.ready.set(1)
 
     # --- the task body ---------------------------------------------------------------------------
     def handle(self, payload: dict[str, Any], retries: int, worker: str) -> dict[str, Any]:
@@ -118,17 +126,16 @@ class EditService:
             job.job_id, "failed", output_uri=job.output_uri, worker=worker, attempts=attempts, started_at=started
         )
         if self.client.hget(keys.batch, "cancelled") == b"1":
-            return self._record(keys, replace(base, status="cancelled", finished_at=time.time()), first=True)
+            return self._record(keys, replace(base, status="cancelled", finished_at=time.time()), job.model, first=True)
         try:  # before anything is read, written or even looked at
             self._check_access(job)
         except OutsideRoots as exc:
-            return self._record(
-                keys, replace(base, error_type=exc.code, error_message=str(exc), finished_at=time.time())
-            )
+            failed = replace(base, error_type=exc.code, error_message=str(exc), finished_at=time.time())
+            return self._record(keys, failed, job.model)
         claim = Claim(self.client, job.job_id, self.settings.claim_ttl)
         if not claim.acquire(lambda: self._done(job, keys)):
-            return self._record(keys, replace(base, status="skipped", finished_at=time.time()), first=True)
-        with claim:
+            return self._record(keys, replace(base, status="skipped", finished_at=time.time()), job.model, first=True)
+        with claim, self.metrics.running() if self.metrics is not None else nullcontext():
             try:
                 result = self._edit(job, keys, base)
             except PermanentError as exc:
@@ -139,10 +146,12 @@ class EditService:
                     raise
                 if retries < self.settings.max_retries:
                     log.warning("job %s: %s (attempt %d, will retry)", job.job_id, transient, attempts)
+                    self._count(job.model, "retried")
                     raise transient from exc
                 result = replace(base, error_type=transient.code, error_message=str(transient), finished_at=time.time())
                 self._dead_letter(job.to_dict(), result)
-        return self._record(keys, result)
+                self._count(job.model, "dead")
+        return self._record(keys, result, job.model)
 
     def _edit(self, job: Job, keys: Keys, base: Result) -> Result:
         if job.model not in self.models:
@@ -217,13 +226,19 @@ class EditService:
             return bool(self.client.hexists(keys.outputs, job.job_id))
         return uri_exists(job.output_uri)
 
-    def _record(self, keys: Keys, result: Result, first: bool = False) -> dict[str, Any]:
+    def _record(self, keys: Keys, result: Result, model: str, first: bool = False) -> dict[str, Any]:
         data = result.to_dict()
         record_result(self.client, keys, data, self.settings.result_expires, first)
+        if self.metrics is not None:
+            self.metrics.ended(model, result)
         log.info(
             "job %s %s%s", result.job_id, result.status, f": {result.error_message}" if result.error_message else ""
         )
         return data
+
+    def _count(self, model: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.attempt(model, outcome)
 
     def _dead_letter(self, payload: dict[str, Any], result: Result) -> None:
         entry = {
@@ -248,4 +263,5 @@ class EditService:
         )
         log.error("refused a malformed job %s: %s", job_id, exc)
         self._dead_letter(payload if isinstance(payload, dict) else {"raw": repr(payload)}, result)
+        self._count("?", "dead")
         return result.to_dict()
