@@ -11,7 +11,11 @@ prints one JSON line:
 - per_job_overhead_ms p50/p95: time between a worker's consecutive job starts, minus the cost (fetch,
   claim, read, decode, encode, write, record, ack);
 - submit_to_start_ms p50/p95: an idle worker, one job at a time, from the producer's submit call to the
-  worker starting the job (model cost 0).
+  worker starting the job (model cost 0);
+- metrics_overhead: one worker, a model of cost 0, the same number of jobs without and with
+  `--metrics-port` (prometheus_client's multiprocess mode): the time between job starts, p50/p95, each way.
+
+    python bench/fleet.py ... [--metrics-jobs 200]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,7 @@ from core.params import EditParams
 from core.settings import Settings
 from core.standin import StandInModel
 from producer.batch import Broker, results, submit_batch
-from producer.local import LocalWorker, RedisServer, wait_registered
+from producer.local import LocalWorker, RedisServer, free_port, wait_registered
 from producer.sources import Source
 from producer.submit import wait_for
 
@@ -58,7 +63,15 @@ def serve_stand_in(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     name = model_name(args.cost)
     spec = ModelSpec(name, f"stand-in-{args.cost}s", "bench", lambda: FixedCost(args.cost))
-    serve(os.environ["ITSD_BROKER_URL"], {name: spec}, args.concurrency, args.hostname, loglevel=args.loglevel)
+    port = os.environ.get("ITSD_METRICS_PORT")
+    serve(
+        os.environ["ITSD_BROKER_URL"],
+        {name: spec},
+        args.concurrency,
+        args.hostname,
+        loglevel=args.loglevel,
+        metrics_port=int(port) if port else None,
+    )
 
 
 def model_name(cost: float) -> str:
@@ -146,12 +159,41 @@ def submit_to_start(broker: Broker, samples: int, work: Path) -> list[float]:
     return latencies
 
 
+def metrics_overhead(broker: Broker, jobs: int, work: Path) -> dict:
+    """Gaps between one worker's consecutive job starts (model cost 0), without and with --metrics-port."""
+    row: dict = {}
+    for offset, (label, env) in enumerate([("without", {}), ("with", {"ITSD_METRICS_PORT": str(free_port())})]):
+        (work / label).mkdir(parents=True)
+        fleet = start_workers(broker.url, 0.0, 1, work / label, **env)
+        try:
+            warm_up(broker, 0.0, fleet, work / label / "warm")
+            batch = sources(work / label / "in", jobs, offset=200_000 + 10_000 * offset)
+            submission = submit_batch(broker, batch, [], str(work / label / "out"), model_name(0.0))
+            wait_for(broker, submission.batch_id, quiet=True, poll=0.05)
+            starts = sorted(r.started_at for r in results(broker.client, submission.batch_id) if r.status == "done")
+            if env:  # the metrics counted what ran: warm-up jobs and these
+                with urllib.request.urlopen(f"http://127.0.0.1:{env['ITSD_METRICS_PORT']}/metrics") as page:
+                    text = page.read().decode()
+                row["counted"] = next(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith('itsd_jobs_total{model="standin-0ms",status="done"}')
+                )
+        finally:
+            for worker in fleet:
+                worker.stop()
+        row[f"{label}_ms"] = percentiles([b - a for a, b in itertools.pairwise(starts)])
+    row["added_ms_p50"] = round(row["with_ms"]["p50"] - row["without_ms"]["p50"], 2)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cost", type=float, default=2.0, help="Seconds per job of the stand-in model.")
     parser.add_argument("--workers", default="1,2,4", help="Worker counts to measure.")
     parser.add_argument("--jobs-per-worker", type=int, default=6)
     parser.add_argument("--latency-samples", type=int, default=20)
+    parser.add_argument("--metrics-jobs", type=int, default=200, help="Jobs per side of the metrics comparison.")
     args = parser.parse_args()
     figures: dict = {"cost_s": args.cost, "jobs_per_worker": args.jobs_per_worker}
     with tempfile.TemporaryDirectory(prefix="itsd-bench-") as tmp, RedisServer() as redis:
@@ -163,6 +205,7 @@ def main() -> None:
             gaps += more
         figures["per_job_overhead_ms"] = percentiles(gaps)
         figures["submit_to_start_ms"] = percentiles(submit_to_start(broker, args.latency_samples, Path(tmp)))
+        figures["metrics_overhead"] = metrics_overhead(broker, args.metrics_jobs, Path(tmp) / "metrics")
     print(json.dumps(figures))
 
 

@@ -15,6 +15,7 @@ from core.errors import BrokerAuthError, BrokerUnreachable, InvalidParameters
 from core.job import FINAL_STATUSES
 from core.settings import Settings
 
+WORKER_HEARTBEAT_S = 15.0  # how often a worker renews its record in Keys.workers; 3 missed: shown as gone
 TASK_NAME = "itsd.edit"  # the producer sends by name; the worker registers the task under it
 QUEUE_PREFIX = "itsd."
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -159,6 +160,7 @@ class Keys:
     models = "itsd:models"  # hash: model name -> JSON {model_id, artifacts, worker}, written by workers
     dead = "itsd:dead"  # list of JSON {job, error_type, error_message, attempts, worker, at}
     batches = "itsd:batches"  # sorted set: batch id by creation time
+    workers = "itsd:workers"  # hash: worker name -> JSON {models, device, slots, host, pid, seen_at} (heartbeat)
 
     def __init__(self, batch_id: str) -> None:
         self.batch_id = batch_id
@@ -168,26 +170,45 @@ class Keys:
         self.outputs = f"{self.batch}:outputs"  # hash: job id -> base64 output, for inline jobs
         self.attempts = f"{self.batch}:attempts"  # hash: job id -> deliveries so far
         self.statuses = f"{self.batch}:statuses"  # hash: job id -> final status; the counts follow it
+        self.by_worker = f"{self.batch}:workers"  # hash: worker -> jobs it recorded done (for live rates)
+        self.failures = f"{self.batch}:failures"  # list: the latest failed results' JSON, newest first, capped
 
     @staticmethod
     def claim(job_id: str) -> str:
         return f"itsd:claim:{job_id}"  # string: the worker running the job, with a TTL it renews
 
     def all(self) -> tuple[str, ...]:
-        return (self.batch, self.jobs, self.results, self.outputs, self.attempts, self.statuses)
+        return (
+            self.batch,
+            self.jobs,
+            self.results,
+            self.outputs,
+            self.attempts,
+            self.statuses,
+            self.by_worker,
+            self.failures,
+        )
 
 
 # Results and the per-status counts in the batch record change together, atomically, so progress is
-# one HMGET however large the batch. KEYS: batch, results, statuses; ARGV: job id, status, result JSON,
-# first ("1": keep an existing result), expiry seconds.
-_RECORD = """
+# one HMGET however large the batch; so do the per-worker done counts and the latest failures, so a live
+# view (`itsd status --watch`) reads a few small keys, never the results. KEYS: batch, results, statuses,
+# by_worker, failures; ARGV: job id, status, result JSON, first ("1": keep an existing result), expiry
+# seconds, worker.
+FAILURES_KEPT = 20
+_RECORD = f"""
 if ARGV[4] == '1' and redis.call('hexists', KEYS[3], ARGV[1]) == 1 then return 0 end
 local old = redis.call('hget', KEYS[3], ARGV[1])
 if old then redis.call('hincrby', KEYS[1], 'n_' .. old, -1) end
 redis.call('hincrby', KEYS[1], 'n_' .. ARGV[2], 1)
 redis.call('hset', KEYS[3], ARGV[1], ARGV[2])
 redis.call('hset', KEYS[2], ARGV[1], ARGV[3])
-for i = 1, 3 do redis.call('expire', KEYS[i], ARGV[5]) end
+if ARGV[2] == 'done' and old ~= 'done' then redis.call('hincrby', KEYS[4], ARGV[6], 1) end
+if ARGV[2] == 'failed' then
+  redis.call('lpush', KEYS[5], ARGV[3])
+  redis.call('ltrim', KEYS[5], 0, {FAILURES_KEPT - 1})
+end
+for i = 1, 5 do redis.call('expire', KEYS[i], ARGV[5]) end
 return 1
 """
 # KEYS: batch, results, statuses, outputs; ARGV: job ids whose results are dropped (to run them again)
@@ -207,7 +228,18 @@ def record_result(client: Any, keys: Keys, result: dict[str, Any], expires: int,
     """Store a final result in its batch and update the counts; `first` keeps a result already there
     (a skipped redelivery never hides the done result). True when stored."""
     args = (result["job_id"], result["status"], json.dumps(result), "1" if first else "0", expires)
-    return bool(client.eval(_RECORD, 3, keys.batch, keys.results, keys.statuses, *args))
+    stored = client.eval(
+        _RECORD,
+        5,
+        keys.batch,
+        keys.results,
+        keys.statuses,
+        keys.by_worker,
+        keys.failures,
+        *args,
+        result.get("worker") or "?",
+    )
+    return bool(stored)
 
 
 def forget_results(client: Any, keys: Keys, job_ids: list[str]) -> None:

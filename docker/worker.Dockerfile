@@ -17,8 +17,8 @@ COPY producer producer
 COPY export export
 COPY training training
 # The `gpu` extra: onnxruntime-gpu (CUDA and TensorRT execution providers), tokenizers, celery[redis],
-# fsspec. Add s3fs/gcsfs here for object-store inputs and outputs.
-RUN pip install ".[gpu]" && pip check && ! pip show torch >/dev/null 2>&1
+# fsspec, prometheus-client; `s3`: s3fs, for inputs and outputs on s3:// (add gcsfs for gs://).
+RUN pip install ".[gpu,s3]" && pip check && ! pip show torch >/dev/null 2>&1
 
 RUN useradd --create-home --uid 1000 itsd && mkdir -p /cache && chown itsd /cache
 USER itsd

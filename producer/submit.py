@@ -22,7 +22,7 @@ from core.params import EditParams
 from core.queue import Keys, check_broker_url, redact
 from core.settings import Settings
 from core.storage import write_atomic
-from producer.batch import Broker, Submission, batch_record, cancel_batch, per_worker, progress, results, submit_batch
+from producer.batch import Broker, Submission, batch_record, cancel_batch, progress, results, submit_batch
 from producer.recovery import requeue_lost
 from producer.sources import collect_sources
 
@@ -198,30 +198,6 @@ def finish(broker: Broker, batch_id: str, collect_into: Path | None, quiet: bool
         echo_failures(broker, batch_id)
         sys.exit(1)
     return counts
-
-
-@click.command()
-@click.argument("batch_id", metavar="BATCH")
-@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object, failures included.")
-@broker_option
-def status(batch_id: str, as_json: bool, broker: Broker) -> None:
-    """Counts, failures with their reasons, and throughput per worker of BATCH."""
-    record = batch_record(broker.client, batch_id)
-    total, counts = progress(broker.client, batch_id)
-    found = list(results(broker.client, batch_id))
-    workers = per_worker(found)
-    if as_json:
-        failures = [r.to_dict() for r in found if r.status == "failed"]
-        summary = {"batch": record, "total": total, "counts": counts, "workers": workers, "failures": failures}
-        click.echo(json.dumps(summary, indent=2))
-        return
-    state = "finished" if sum(counts.values()) >= total else "running"
-    state = "cancelled" if record.get("cancelled") == "1" else state
-    click.echo(f"batch {batch_id} ({state}): {describe(counts, total)}")
-    click.echo(f"model {record['model']} ({record['model_id']}), outputs in {record['destination']}")
-    for worker, row in workers.items():
-        click.echo(f"  {worker}: {row['done']} done, {row['images_per_s']} img/s, {row['s_per_image']} s/img")
-    echo_failures(broker, batch_id)
 
 
 @click.command()

@@ -26,7 +26,8 @@ def test_compose_file_is_valid_and_configures_the_fleet():
     run = compose_config(REDIS_PASSWORD="s3cret", FLOWER_PASSWORD="fl0wer", ITSD_MODEL="derain")
     assert run.returncode == 0, run.stderr
     services = yaml.safe_load(run.stdout)["services"]
-    assert set(services) == {"redis", "worker", "flower", "producer"}
+    assert set(services) == {"redis", "worker", "flower", "metrics", "producer"}
+    assert services["metrics"]["command"][0] == "metrics" and services["worker"]["healthcheck"]["test"]
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
     assert "--requirepass" in redis_command and services["redis"]["volumes"]
@@ -53,5 +54,5 @@ def test_compose_refuses_to_start_without_a_redis_password_or_a_flower_password(
 def test_the_worker_image_installs_the_gpu_extra_and_no_torch():
     dockerfile = (REPO / "docker" / "worker.Dockerfile").read_text()
     install = next(line for line in dockerfile.splitlines() if line.startswith("RUN pip install"))
-    assert '".[gpu]"' in install and "! pip show torch" in install
+    assert '".[gpu,s3]"' in install and "! pip show torch" in install
     assert 'ENTRYPOINT ["itsd"]' in dockerfile

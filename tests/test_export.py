@@ -42,6 +42,7 @@ def test_export_writes_every_component_and_a_manifest_with_parity_over_40_db(tin
     assert manifest.parity.tiles > 1 and manifest.parity.tiled_psnr_db >= 40.0
 
 
+@pytest.mark.slow
 def test_fp16_export_makes_the_unet_fp16_and_still_verifies(tiny_checkpoint, tmp_path):
     result = run_export(tiny_checkpoint, tmp_path / "fp16", "--dtype", "fp16", "--quiet")
     assert result.exit_code == 0, result.output
@@ -57,6 +58,7 @@ def test_fp16_export_makes_the_unet_fp16_and_still_verifies(tiny_checkpoint, tmp
     assert unet.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
+@pytest.mark.slow
 def test_large_weights_go_to_exactly_one_external_data_file_per_component(tiny_checkpoint, tmp_path, monkeypatch):
     from export import components, exporter
 
@@ -123,6 +125,7 @@ def test_an_existing_export_is_kept_unless_overwrite(tiny_checkpoint, tiny_artif
     assert Manifest.read(out).parity is None and "not verified" in result.output
 
 
+@pytest.mark.slow
 def test_a_failed_parity_check_leaves_no_artifacts(tiny_checkpoint, tmp_path, monkeypatch):
     from export import verify
 

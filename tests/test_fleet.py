@@ -227,6 +227,7 @@ def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
 
 
+@pytest.mark.slow
 def test_batched_jobs_match_itsd_edit_share_unet_calls_and_a_corrupt_one_fails_alone(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 6, size=(128, 96))  # 6 tiles each: a long enough UNet phase to overlap
     (inputs / "broken.png").write_bytes(b"\x89PNG not really")

@@ -47,7 +47,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def wait_ready(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while scrape(port, "/ready")[0] != 200:
+    while scrape_when_up(port, "/ready")[0] != 200:
         assert time.monotonic() < deadline, "the worker never said it was ready"
         time.sleep(0.2)
 
@@ -85,6 +85,7 @@ def test_worker_metrics_after_a_real_batch_count_its_results(redis, tiny_artifac
     ]
 
 
+@pytest.mark.slow
 def test_the_queue_exporter_counts_waiting_reserved_and_running_jobs_per_model(redis, tiny_artifacts, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -106,10 +107,10 @@ def test_the_queue_exporter_counts_waiting_reserved_and_running_jobs_per_model(r
             while not list(client.scan_iter(match=Keys.claim("*"))):
                 assert time.monotonic() < deadline, "no job started"
                 time.sleep(0.05)
-            found = samples(scrape_when_up(port))
+            found = samples(scrape_when_up(port)[1])
         redis.stop()
         try:
-            down = samples(scrape_when_up(port))
+            down = samples(scrape_when_up(port)[1])
         finally:
             redis.start()
     finally:
@@ -125,11 +126,12 @@ def test_the_queue_exporter_counts_waiting_reserved_and_running_jobs_per_model(r
     assert found[("itsd_batch_jobs", (("batch", batch), ("status", "done")))] == 0
 
 
-def scrape_when_up(port: int, timeout: float = 30) -> str:
+def scrape_when_up(port: int, path: str = "/metrics", timeout: float = 30) -> tuple[int, str]:
+    """`scrape`, waiting while nothing listens on the port yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return scrape(port)[1]
+            return scrape(port, path)
         except urllib.error.URLError:
             assert time.monotonic() < deadline, "the exporter never came up"
             time.sleep(0.2)

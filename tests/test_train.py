@@ -414,6 +414,7 @@ def test_the_cli_prints_the_resolved_config_as_toml_that_loads_back(tmp_path):
 # ---------------------------------------------------------------- training runs
 
 
+@pytest.mark.slow
 def test_training_a_tiny_model_on_a_learnable_dataset_lowers_the_loss(tiny_checkpoint, dataset, tmp_path):
     from training.train import train
 
@@ -437,6 +438,7 @@ def test_input_error_weighting_trains_on_losses_relative_to_the_identity_edit(ti
     assert 0.05 < losses[0] < 50  # an untrained UNet is within a few times the identity's error, not 1e-2 or 1e4
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_gives_the_losses_of_an_uninterrupted_run(tiny_checkpoint, dataset, tmp_path):
     from training.train import train
 

@@ -43,12 +43,13 @@ def hangs() -> StandInModel:
 )
 def test_probe_names_each_model_that_cannot_run_and_why(load, reason):
     start = time.monotonic()
-    failures = probe({"good": spec("good", StandInModel), "bad": spec("bad", load)}, Tiling(), timeout=1)
+    failures, labels = probe({"good": spec("good", StandInModel), "bad": spec("bad", load)}, Tiling(), timeout=1)
     assert list(failures) == ["bad"] and failures["bad"].startswith(reason)
+    assert labels == {"good": None}  # a stand-in names no runtime
     assert time.monotonic() - start < 10  # a hung warm-up is killed at its timeout
 
 
 def test_probe_loads_nothing_into_the_calling_process():
     loaded = []
-    assert probe({"good": spec("good", lambda: loaded.append(1) or StandInModel())}, Tiling(), timeout=10) == {}
+    assert probe({"good": spec("good", lambda: loaded.append(1) or StandInModel())}, Tiling(), timeout=10)[0] == {}
     assert loaded == []  # the load ran in the forked process: no sessions cross Celery's fork

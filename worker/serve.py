@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
@@ -20,8 +18,9 @@ from core.edit import Backend, Tiling
 from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError, WarmUpFailed
 from core.manifest import Manifest
 from core.options import no_password_on_argv, runtime_options, tile_batch_option
-from core.queue import Keys, check_broker_url, check_connection, queue_for, redact, redis_client
+from core.queue import check_broker_url, check_connection, queue_for, redact
 from core.settings import Settings
+from worker.registry import WorkerRecord, register
 from worker.runtimes import check_choice
 from worker.service import ModelSpec
 from worker.warmup import probe
@@ -56,19 +55,6 @@ def onnx_model(name: str, folder: str, device: str, runtime: str = "auto", preci
     return ModelSpec(name, manifest.model_id, str(Path(folder).resolve()), load)
 
 
-def register(url: str, models: dict[str, ModelSpec], hostname: str) -> None:
-    """Announce what this worker serves, so producers can compute job ids without the artifacts."""
-    client = redis_client(url)
-    for spec in models.values():
-        entry = {"model_id": spec.model_id, "source": spec.source, "worker": hostname, "at": time.time()}
-        previous = client.hget(Keys.models, spec.name)
-        if previous and json.loads(previous)["model_id"] != spec.model_id:
-            log.warning(
-                "model %s was registered as %s; now %s", spec.name, json.loads(previous)["model_id"], spec.model_id
-            )
-        client.hset(Keys.models, spec.name, json.dumps(entry))
-
-
 def serve(
     url: str,
     models: dict[str, ModelSpec],
@@ -78,6 +64,7 @@ def serve(
     loglevel: str = "INFO",
     settings: Settings | None = None,
     metrics_port: int | None = None,
+    device: str = "auto",
 ) -> None:
     """Warm each model up, register those that passed, and run a Celery worker on their queues until it is
     told to stop (with `/metrics` and `/ready` on `metrics_port`). Raises WarmUpFailed if no model passed."""
@@ -93,22 +80,25 @@ def serve(
             " or ".join(missing),
             " or ".join(missing),
         )
-    failures = probe(models, Tiling(batch=settings.tile_batch), settings.warm_up_timeout)
-    for name, reason in failures.items():
-        log.error("model %s failed its warm-up, so this worker does not serve it: %s", name, reason)
-    models = {name: spec for name, spec in models.items() if name not in failures}
-    if not models:
-        raise WarmUpFailed("no model passed its warm-up: " + "; ".join(f"{n}: {r}" for n, r in failures.items()))
-    register(url, models, hostname)
     with ExitStack() as stack:
         metrics = None
-        if metrics_port is not None:  # before the fork: the pool processes inherit the metrics and their folder
-            from worker.metrics import MetricsServer, WorkerMetrics, enable
+        if metrics_port is not None:  # up during the warm-up (/ready says 503), and before the fork: the pool
+            from worker.metrics import MetricsServer, WorkerMetrics, enable  # processes inherit the metrics
 
             server = MetricsServer(enable(), metrics_port).start()
             stack.callback(server.close)
             metrics = WorkerMetrics()
             log.info("metrics on http://0.0.0.0:%d/metrics, readiness on /ready", server.port)
+        failures, labels = probe(models, Tiling(batch=settings.tile_batch), settings.warm_up_timeout)
+        for name, reason in failures.items():
+            log.error("model %s failed its warm-up, so this worker does not serve it: %s", name, reason)
+        models = {name: spec for name, spec in models.items() if name not in failures}
+        if not models:
+            raise WarmUpFailed("no model passed its warm-up: " + "; ".join(f"{n}: {r}" for n, r in failures.items()))
+        register(url, models, hostname)
+        served = {name: {"model_id": spec.model_id, "runtime": labels.get(name)} for name, spec in models.items()}
+        slots = {"concurrency": concurrency, "batch_jobs": settings.batch_jobs, "metrics_port": metrics_port}
+        stack.callback(WorkerRecord(url, hostname, {"models": served, "device": device, **slots}).start().close)
         app = make_app(url, settings, models, soft_shutdown_timeout, metrics)
         queues = ",".join(queue_for(name) for name in models)
         log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
@@ -239,6 +229,6 @@ def worker(
     except ItsdError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings, metrics_port)
+        serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings, metrics_port, device)
     except WarmUpFailed as exc:
         raise click.ClickException(str(exc)) from None

@@ -41,17 +41,20 @@ def describe(exc: BaseException) -> str:
 
 def _probe_one(spec: ModelSpec, tiling: Tiling, send: Connection) -> None:
     try:
-        warm_up(spec.load(), tiling)
-        reason = None
+        backend = spec.load()
+        warm_up(backend, tiling)
+        outcome = {"label": getattr(backend, "label", None)}
     except BaseException as exc:  # whatever stops the model from running is the reason to report
-        reason = describe(exc)
-    send.send_bytes(json.dumps(reason).encode())
+        outcome = {"error": describe(exc)}
+    send.send_bytes(json.dumps(outcome).encode())
 
 
-def probe(models: dict[str, ModelSpec], tiling: Tiling, timeout: float) -> dict[str, str]:
-    """Load and warm up each model in a forked process; the reason each model that failed did, by name."""
+def probe(models: dict[str, ModelSpec], tiling: Tiling, timeout: float) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Load and warm up each model in a forked process: the reason each model that failed did, by name, and
+    what runs each model that passed (its backend's label: "openvino bf16", once the bf16 gate has spoken)."""
     context = multiprocessing.get_context("fork")
     failures: dict[str, str] = {}
+    labels: dict[str, str | None] = {}
     for name, spec in models.items():
         receive, send = context.Pipe(duplex=False)
         process = context.Process(target=_probe_one, args=(spec, tiling, send), name=f"warm-up {name}")
@@ -61,8 +64,10 @@ def probe(models: dict[str, ModelSpec], tiling: Tiling, timeout: float) -> dict[
         try:
             if not receive.poll(timeout):
                 failures[name] = f"the warm-up did not finish within {timeout:g} s (ITSD_WARM_UP_TIMEOUT)"
-            elif (reason := json.loads(receive.recv_bytes())) is not None:
-                failures[name] = reason
+            elif "error" in (outcome := json.loads(receive.recv_bytes())):
+                failures[name] = outcome["error"]
+            else:
+                labels[name] = outcome["label"]
         except EOFError:  # the process died without a word: a crash in native code, or the OOM killer
             process.join(5)
             failures[name] = f"the warm-up process died (exit code {process.exitcode})"
@@ -73,4 +78,4 @@ def probe(models: dict[str, ModelSpec], tiling: Tiling, timeout: float) -> dict[
             process.join()
         if name not in failures:
             log.info("model %s passed its warm-up (loaded, one edit) in %.1f s", name, time.monotonic() - start)
-    return failures
+    return failures, labels

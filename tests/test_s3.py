@@ -1,0 +1,153 @@
+"""Object storage for real: inputs and outputs on s3:// (s3fs) against moto's S3 server on a loopback port,
+with real workers. Versioning is on, so "written once" is counted: one version per output key is one put."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3  # with moto[server], in itsd[dev]
+import pytest
+from conftest import photo
+from fleet import submit, workers
+
+from core.params import EditParams
+from core.queue import Keys, redis_client, status_counts
+from producer.local import RedisServer, free_port
+from producer.sources import collect_sources
+
+SECRET = "moto-secret-key-never-logged"
+STEPS = ["--steps", "2", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's standalone S3 server, and the environment that points boto and s3fs at it (credentials from the
+    environment only, as a worker gets them)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "itsd-test",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(10)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def bucket(name: str, images: int, folder: Path) -> None:
+    """A versioned bucket with `images` photos under photos/ (in two sub-folders), mirrored in `folder`."""
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=name)
+    client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    for i in range(images):
+        relative = f"set{i % 2}/p{i}.png"
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        photo(64, 48, seed=i).save(folder / relative)
+        client.upload_file(str(folder / relative), name, f"photos/{relative}")
+
+
+def versions(name: str, prefix: str) -> dict[str, int]:
+    listed = boto3.client("s3").list_object_versions(Bucket=name, Prefix=prefix).get("Versions", [])
+    counts: dict[str, int] = {}
+    for version in listed:
+        counts[version["Key"]] = counts.get(version["Key"], 0) + 1
+    return counts
+
+
+def reset_s3fs() -> None:
+    """s3fs caches filesystems and listings per process; a test that changes a bucket behind it starts fresh."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.slow
+def test_an_s3_prefix_lists_like_a_local_folder(s3, tmp_path):
+    bucket("listing", 5, tmp_path / "local")
+    reset_s3fs()
+    remote, rejected = collect_sources(["s3://listing/photos/"], "Derain", EditParams())
+    local, _ = collect_sources([str(tmp_path / "local")], "Derain", EditParams())
+    assert not rejected and len(remote) == 5
+    assert sorted(s.relative for s in remote) == sorted(s.relative for s in local)  # the same output keys
+    assert all(s.uri.startswith("s3://listing/photos/set") for s in remote)
+
+
+@pytest.mark.slow
+def test_submit_from_s3_to_s3_writes_each_output_once_and_logs_no_credential(s3, redis, tiny_artifacts, tmp_path):
+    bucket("roundtrip", 6, tmp_path / "local")
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2, env=s3) as fleet:
+        run = submit(redis.url, "s3://roundtrip/photos/", "s3://roundtrip/edited/", "Derain", "--wait", *STEPS)
+        again = submit(redis.url, "s3://roundtrip/photos/", "s3://roundtrip/edited/", "Derain", "--wait", *STEPS)
+        logs = "".join(w.log_path.read_text() for w in fleet)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "6 done" in run.stdout and "0 queued, 6 already done" in again.stdout
+    assert versions("roundtrip", "edited/") == {f"edited/set{i % 2}/p{i}.png": 1 for i in range(6)}
+    assert SECRET not in logs + run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_bucket_fails_each_job_with_one_line(s3, redis, tiny_artifacts, tmp_path):
+    bucket("inputs-only", 2, tmp_path / "local")
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=s3):
+        run = submit(redis.url, "s3://inputs-only/photos/", "s3://no-such-bucket/out/", "Derain", "--wait", *STEPS)
+    assert run.returncode == 1 and "2 failed" in run.stdout, run.stdout + run.stderr
+    lines = [line for line in run.stderr.splitlines() if "storage_refused" in line]
+    assert len(lines) == 2 and all("s3://no-such-bucket/out/" in line for line in lines), run.stderr
+
+
+@pytest.mark.slow
+def test_an_s3_batch_resumes_after_its_worker_is_killed_and_writes_once(s3, redis, tiny_artifacts, tmp_path):
+    bucket("resume", 3, tmp_path / "local")
+    client = redis_client(redis.url)
+    env = {**s3, "ITSD_VISIBILITY_TIMEOUT": "6"}
+    options = ["--steps", "150", "--seed", "1"]
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env) as (first,):
+        run = submit(redis.url, "s3://resume/photos/", "s3://resume/edited/", "Derain", *options)
+        bid = run.stdout.split("batch ", 1)[1].split(":", 1)[0]
+        deadline = time.monotonic() + 60
+        while not list(client.scan_iter(match=Keys.claim("*"))):
+            assert time.monotonic() < deadline, "no job started"
+            time.sleep(0.05)
+        first.kill()
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
+        deadline = time.monotonic() + 240
+        while (counts := status_counts(client, Keys(bid)))["done"] < 3:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.5)
+    assert versions("resume", "edited/") == {f"edited/set{i % 2}/p{i}.png": 1 for i in range(3)}
