@@ -3,11 +3,14 @@ with real workers. Versioning is on, so "written once" is counted: one version p
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3  # with moto[server], in itsd[dev]
@@ -24,44 +27,62 @@ SECRET = "moto-secret-key-never-logged"
 STEPS = ["--steps", "2", "--seed", "5"]
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """moto's standalone S3 server, and the environment that points boto and s3fs at it (credentials from the
-    environment only, as a worker gets them)."""
+@contextmanager
+def moto(log: Path, **env: str) -> Iterator[str]:
+    """moto's standalone S3 server on a free loopback port (its settings in `env`); its endpoint URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    env = {
-        "AWS_ACCESS_KEY_ID": "itsd-test",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
     try:
-        client = boto3.client("s3")
         deadline = time.monotonic() + 30
         while True:
-            try:
-                client.list_buckets()
+            try:  # moto's own API: no S3 action, so it does not count against INITIAL_NO_AUTH_ACTION_COUNT
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
                 break
-            except Exception:
+            except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
-        yield env
+        yield url
     finally:
         server.terminate()
         server.wait(10)
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`env` in os.environ (the CLI subprocesses inherit it), restored after."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def aws(endpoint: str, key: str = "itsd-test", secret: str = SECRET) -> dict[str, str]:
+    """Credentials and endpoint from the environment only, as a worker gets them."""
+    return {
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server, and the environment that points boto and s3fs at it."""
+    with moto(tmp_path_factory.mktemp("moto") / "moto.log") as url, environment(aws(url)) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +172,29 @@ def test_an_s3_batch_resumes_after_its_worker_is_killed_and_writes_once(s3, redi
             assert time.monotonic() < deadline, counts
             time.sleep(0.5)
     assert versions("resume", "edited/") == {f"edited/set{i % 2}/p{i}.png": 1 for i in range(3)}
+
+
+@pytest.mark.slow
+def test_a_denied_write_fails_each_job_with_one_line(s3, redis, tiny_artifacts, tmp_path):
+    """moto with IAM on: after the setup's first 6 requests, every request is checked against its user's policy.
+    The workers and the producer get a user that may read and list, not write."""
+    with moto(tmp_path / "iam.log", INITIAL_NO_AUTH_ACTION_COUNT="6") as url:
+        admin = {"endpoint_url": url, "region_name": "us-east-1"}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        read_only = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [read_only]})
+        iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=policy)
+        client = boto3.client("s3", **admin)
+        client.create_bucket(Bucket="guarded")
+        for i in range(2):
+            photo(64, 48, seed=i).save(tmp_path / f"p{i}.png")
+            client.upload_file(str(tmp_path / f"p{i}.png"), "guarded", f"photos/p{i}.png")
+        reader = aws(url, key["AccessKeyId"], key["SecretAccessKey"])
+        with environment(reader), workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=reader):
+            run = submit(redis.url, "s3://guarded/photos/", "s3://guarded/edited/", "Derain", "--wait", *STEPS)
+    assert run.returncode == 1 and "2 failed" in run.stdout, run.stdout + run.stderr
+    lines = [line for line in run.stderr.splitlines() if "storage_refused" in line]
+    assert len(lines) == 2 and all("s3://guarded/edited/p" in line for line in lines), run.stderr
+    assert key["SecretAccessKey"] not in run.stdout + run.stderr
