@@ -109,7 +109,7 @@ def tiny_config(checkpoint: Path, data: Path, out: Path, **changes: object) -> T
 def test_widened_sd_unet_computes_exactly_what_the_sd_unet_did_when_the_extra_channels_are_zero(sd_checkpoint):
     from diffusers import UNet2DConditionModel
 
-    from training.train import widen_conv_in
+    from training.models import widen_conv_in
 
     sd = UNet2DConditionModel.from_pretrained(sd_checkpoint, subfolder="unet").eval()
     widened = widen_conv_in(copy.deepcopy(sd)).eval()
@@ -200,7 +200,7 @@ def test_input_error_weighting_scores_the_identity_edit_1_on_every_sample_whatev
 
 
 def test_task_weights_give_each_task_its_share_however_many_rows_it_has():
-    from training.train import row_weights
+    from training.pairs import row_weights
 
     tasks = ["deblur"] * 6 + ["denoise"] * 2
     weights = row_weights(tasks, {"deblur": 1.0, "denoise": 3.0})
@@ -213,7 +213,7 @@ def test_task_weights_give_each_task_its_share_however_many_rows_it_has():
 
 
 def test_instructions_are_drawn_from_the_task_paraphrases_when_a_templates_file_exists(dataset, templates):
-    from training.train import PairDataset, load_rows
+    from training.pairs import PairDataset, load_rows
 
     rows, _ = load_rows(TrainConfig(dataset=str(dataset), instructions_dir=str(templates)))
     pairs = PairDataset(rows, TrainConfig(resolution=32, instructions_dir=str(templates)), tokenizer=None)
@@ -226,7 +226,7 @@ def test_instructions_are_drawn_from_the_task_paraphrases_when_a_templates_file_
 
 
 def test_word_dropout_keeps_a_random_ordered_subset_of_the_words_and_never_empties_the_instruction(dataset, templates):
-    from training.train import PairDataset, drop_words, load_rows
+    from training.pairs import PairDataset, drop_words, load_rows
 
     text = "Swap every color for its opposite"
     rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def test_word_dropout_keeps_a_random_ordered_subset_of_the_words_and_never_empti
 def test_inserted_words_are_unheard_vocabulary_words_between_the_kept_ones(dataset, templates, tiny_checkpoint):
     from transformers import CLIPTokenizer
 
-    from training.train import PairDataset, insert_words, load_rows, unheard_words
+    from training.pairs import PairDataset, insert_words, load_rows, unheard_words
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_checkpoint, subfolder="tokenizer")
     unheard = unheard_words(tokenizer, INVERT_PARAPHRASES)
@@ -277,7 +277,7 @@ def test_inserted_words_are_unheard_vocabulary_words_between_the_kept_ones(datas
 
 
 def test_a_pair_is_cropped_with_the_same_box_on_input_and_target():
-    from training.train import crop_pair
+    from training.pairs import crop_pair
 
     wide = Image.fromarray(np.arange(40 * 100 * 3, dtype=np.uint32).reshape(40, 100, 3).astype(np.uint8))
     for seed in range(5):
@@ -286,7 +286,7 @@ def test_a_pair_is_cropped_with_the_same_box_on_input_and_target():
 
 
 def test_a_shuffled_channel_order_is_one_order_shared_by_input_and_target_and_covers_all_six():
-    from training.train import crop_pair
+    from training.pairs import crop_pair
 
     rng = np.random.default_rng(0)
     original = np.zeros((32, 32, 3), dtype=np.uint8)
@@ -496,7 +496,8 @@ def test_the_text_task_loss_keeps_the_tasks_apart_resumes_exactly_and_leaves_no_
 ):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from training.train import tokenize, train
+    from training.pairs import tokenize
+    from training.train import train
 
     changes = dict(max_train_steps=30, checkpointing_steps=20, train_text_encoder=True, use_ema=False)
     plain = train(tiny_config(tiny_checkpoint, dataset, tmp_path / "plain", **changes))
@@ -590,7 +591,7 @@ def test_bad_edit_defaults_are_refused_before_training(defaults, reason):
 
 
 def test_patches_can_be_cut_at_native_scale_instead_of_resizing_the_row():
-    from training.train import crop_pair
+    from training.pairs import crop_pair
 
     big = gradient_image(0, size=128)
     rng = np.random.default_rng(0)
@@ -604,7 +605,8 @@ def test_patches_can_be_cut_at_native_scale_instead_of_resizing_the_row():
 def test_resume_latest_picks_the_newest_checkpoint_and_a_finished_run_trains_no_more(
     tiny_checkpoint, dataset, tmp_path
 ):
-    from training.train import find_checkpoint, train
+    from training.checkpoints import find_checkpoint
+    from training.train import train
 
     out = tmp_path / "run"
     train(

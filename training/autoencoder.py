@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from training.metrics import psnr
-from training.train import to_tensor
+from training.pairs import to_tensor
 
 SIGNALS = 3  # R, G, B; the fourth latent channel is their mean
 LEVEL = 10.0  # the constant channel: group statistics of ~level^2, which fp16 holds as well as fp32
