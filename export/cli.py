@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from core.errors import ItsdError
-
 
 @click.command()
 @click.argument("source", metavar="SRC")
@@ -34,17 +32,14 @@ def export(source: str, out: Path, dtype: str, verify: bool, overwrite: bool, qu
     from export.exporter import export_checkpoint  # torch: a missing extra is explained by the root group
 
     start = time.perf_counter()
-    try:
-        manifest = export_checkpoint(
-            source,
-            out,
-            dtype=dtype,
-            verify_parity=verify,
-            overwrite=overwrite,
-            report=(lambda _: None) if quiet else (lambda line: click.echo(f"  {line}", err=True)),
-        )
-    except ItsdError as exc:
-        raise click.ClickException(str(exc)) from None
+    manifest = export_checkpoint(
+        source,
+        out,
+        dtype=dtype,
+        verify_parity=verify,
+        overwrite=overwrite,
+        report=(lambda _: None) if quiet else (lambda line: click.echo(f"  {line}", err=True)),
+    )
     parity = manifest.parity
     checked = f"parity {parity.psnr_db:.1f} dB, max diff {parity.max_abs_diff:.0f}/255" if parity else "not verified"
     click.echo(f"exported {source} -> {out} ({dtype}, {checked}) in {time.perf_counter() - start:.1f} s")

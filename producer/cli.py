@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import click
 
+from core.errors import ItsdError
+
 
 class Entry(NamedTuple):
     target: str  # "module:attribute" of the click command
@@ -56,8 +58,10 @@ def _missing_extra(cmd_name: str, exc: ImportError) -> click.ClickException:
     )
 
 
-def _explain_missing_packages(cmd_name: str, command: click.Command) -> click.Command:
-    """Wrap the command's callback: a third-party module missing at run time becomes the one-line hint."""
+def _explain_errors(cmd_name: str, command: click.Command) -> click.Command:
+    """Wrap the command's callback: the one error handler of every command. An ItsdError (what went wrong, and
+    what to do) becomes its one line and exit status 1; a third-party module missing at run time, the hint
+    naming the extra to install. Library code raises ItsdError and never imports click for it."""
     callback = command.callback
     if callback is None:
         return command
@@ -66,6 +70,8 @@ def _explain_missing_packages(cmd_name: str, command: click.Command) -> click.Co
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return callback(*args, **kwargs)
+        except ItsdError as exc:
+            raise click.ClickException(str(exc)) from None
         except ModuleNotFoundError as exc:
             if exc.name is None or exc.name.split(".")[0] in OWN_PACKAGES:
                 raise
@@ -82,7 +88,7 @@ def _load(cmd_name: str) -> click.Command:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise _missing_extra(cmd_name, exc) from None
-    return _explain_missing_packages(cmd_name, getattr(module, attribute))
+    return _explain_errors(cmd_name, getattr(module, attribute))
 
 
 class LazyGroup(click.Group):

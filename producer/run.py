@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from core.backends import detect
-from core.errors import InvalidModel, ItsdError
+from core.errors import InvalidModel
 from core.inputs import InputFile, check_destination
 from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
@@ -230,8 +230,6 @@ def run(
                 click.echo(f"contact sheet: {summary['contact_sheet']}")
             if counts["failed"]:
                 echo_failures(connection, submission.batch_id)
-    except ItsdError as exc:
-        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: workers and Redis stopped; run the same command again to resume", err=True)
         sys.exit(130)

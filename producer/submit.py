@@ -14,7 +14,6 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from core.errors import ItsdError
 from core.inputs import safe_relative
 from core.job import Job
 from core.options import edit_options, no_password_on_argv
@@ -30,7 +29,7 @@ FAILURES_SHOWN = 20
 
 
 def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--broker (or ITSD_BROKER_URL), turned into a connected `Broker`; ItsdErrors become one line."""
+    """--broker (or ITSD_BROKER_URL), turned into a connected `Broker`."""
 
     @click.option(
         "--broker",
@@ -41,10 +40,7 @@ def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(command)
     def wrapper(*args: Any, broker: str | None, **kwargs: Any) -> Any:
-        try:
-            return command(*args, broker=Broker(check_broker_url(broker), Settings.from_env()), **kwargs)
-        except ItsdError as exc:
-            raise click.ClickException(str(exc)) from None
+        return command(*args, broker=Broker(check_broker_url(broker), Settings.from_env()), **kwargs)
 
     return wrapper
 

@@ -394,9 +394,9 @@ def test_the_example_config_loads():
 
 
 def test_the_cli_reports_an_unknown_key_in_one_line_and_exits_non_zero():
-    from training.train_cli import train
+    from producer.cli import itsd
 
-    result = CliRunner().invoke(train, ["--set", "lerning_rate=1"])
+    result = CliRunner().invoke(itsd, ["train", "--set", "lerning_rate=1"])
     assert result.exit_code != 0 and "lerning_rate" in result.output
 
 

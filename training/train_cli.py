@@ -10,8 +10,6 @@ from pathlib import Path
 
 import click
 
-from core.errors import ItsdError
-
 
 @click.command("train")
 @click.option(
@@ -56,14 +54,11 @@ def train(
         "max_train_steps": max_train_steps,
         "resume": resume,
     }
-    try:
-        config = load_config(config_path, overrides, flags)
-        if print_config:
-            click.echo(to_toml(config), nl=False)
-            return
-        from training.train import train as run_training
+    config = load_config(config_path, overrides, flags)
+    if print_config:
+        click.echo(to_toml(config), nl=False)
+        return
+    from training.train import train as run_training
 
-        run_training(config)
-    except ItsdError as exc:
-        raise click.ClickException(str(exc)) from None
+    run_training(config)
     click.echo(f"final checkpoint: {Path(config.output_dir) / 'final'}")

@@ -97,17 +97,14 @@ def edit(
     the exit status is 1 if any image failed."""
     if not instruction.strip():
         raise click.BadParameter("the instruction is empty", param_hint="--instruction")
-    try:
-        settings = Settings.from_env()
-        inputs = expand(list(images))
-        if not inputs:
-            raise click.ClickException(f"no images found in {' '.join(images)}")
-        check_destination(inputs, out)
-        skipped = [item for item in inputs if skip_existing and (out / item.relative).exists()]
-        inputs = [item for item in inputs if item not in skipped]
-        pipeline = load(model, backend, runtime, precision) if inputs else None
-    except ItsdError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = Settings.from_env()
+    inputs = expand(list(images))
+    if not inputs:
+        raise click.ClickException(f"no images found in {' '.join(images)}")
+    check_destination(inputs, out)
+    skipped = [item for item in inputs if skip_existing and (out / item.relative).exists()]
+    inputs = [item for item in inputs if item not in skipped]
+    pipeline = load(model, backend, runtime, precision) if inputs else None
     failures, start = 0, time.perf_counter()
     progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for item in progress:

@@ -15,7 +15,7 @@ import click
 
 from core.access import parse_roots
 from core.edit import Backend, Tiling
-from core.errors import BrokerAuthError, BrokerUnreachable, ItsdError, WarmUpFailed
+from core.errors import BrokerAuthError, BrokerUnreachable, WarmUpFailed
 from core.manifest import Manifest
 from core.options import no_password_on_argv, runtime_options, tile_batch_option
 from core.queue import check_broker_url, check_connection, queue_for, redact
@@ -226,9 +226,4 @@ def worker(
         if isinstance(exc, BrokerAuthError):  # a wrong or missing password: say so, do not hang
             raise click.ClickException(str(exc)) from None
         log.warning("%s; waiting for it (workers start before Redis is up, and ride out its restarts)", exc)
-    except ItsdError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings, metrics_port, device)
-    except WarmUpFailed as exc:
-        raise click.ClickException(str(exc)) from None
+    serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings, metrics_port, device)
