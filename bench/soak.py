@@ -34,7 +34,8 @@ from pathlib import Path
 
 from fleet import model_name, sources, start_workers
 
-from core.queue import Keys, redis_client, status_counts
+from core.records import Keys, status_counts
+from core.redis_url import redis_client
 from core.settings import Settings
 from producer.batch import Broker, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered

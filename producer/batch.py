@@ -22,17 +22,9 @@ from celery import Celery
 
 from core.errors import InvalidParameters, ItsdError
 from core.job import Job, Result, job_id_for
-from core.queue import (
-    TASK_NAME,
-    Keys,
-    celery_config,
-    check_connection,
-    forget_results,
-    queue_for,
-    record_result,
-    redis_client,
-    status_counts,
-)
+from core.queue import TASK_NAME, celery_config, queue_for
+from core.records import Keys, forget_results, record_result, status_counts
+from core.redis_url import check_connection, redis_client
 from core.settings import Settings
 from core.storage import join_uri, read_uri, uri_exists
 from producer.sources import Rejected, Source

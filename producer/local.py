@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from core.errors import InvalidParameters
-from core.queue import Keys
+from core.records import Keys
 
 
 def free_port() -> int:

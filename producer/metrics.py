@@ -23,7 +23,8 @@ from typing import Any
 
 import click
 
-from core.queue import QUEUE_PREFIX, Keys, status_counts
+from core.queue import QUEUE_PREFIX
+from core.records import Keys, status_counts
 from producer.batch import Broker
 from producer.submit import broker_option
 

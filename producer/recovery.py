@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from core.job import Job, Result
-from core.queue import Keys, queue_for, record_result
+from core.queue import queue_for
+from core.records import Keys, record_result
 from producer.batch import Broker, batch_record, enqueue
 
 UNACKED = "unacked"  # kombu's hash of taken messages: delivery tag -> JSON [message, exchange, routing key]

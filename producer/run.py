@@ -28,7 +28,8 @@ from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
 from core.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
 from core.params import EditParams
-from core.queue import Keys, check_broker_url
+from core.records import Keys
+from core.redis_url import check_broker_url
 from core.settings import Settings
 from producer.batch import Broker, per_worker, results, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered

@@ -18,7 +18,8 @@ from core.inputs import safe_relative
 from core.job import Job
 from core.options import edit_options, no_password_on_argv
 from core.params import EditParams
-from core.queue import Keys, check_broker_url, redact
+from core.records import Keys
+from core.redis_url import check_broker_url, redact
 from core.settings import Settings
 from core.storage import write_atomic
 from producer.batch import Broker, Submission, batch_record, cancel_batch, progress, results, submit_batch

@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from core.job import Result
-from core.queue import WORKER_HEARTBEAT_S, Keys, status_counts
+from core.queue import WORKER_HEARTBEAT_S
+from core.records import Keys, status_counts
 from producer.batch import Broker, batch_record, per_worker, progress, results
 from producer.submit import broker_option, describe, echo_failures
 

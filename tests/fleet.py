@@ -41,7 +41,7 @@ def workers(
         for i, spec in enumerate(specs)
     ]
     try:
-        from core.queue import redis_client
+        from core.redis_url import redis_client
 
         wait_registered(redis_client(redis.url), sorted({m for s in specs for m in s}), started)
         yield started

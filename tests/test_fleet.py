@@ -21,7 +21,9 @@ from fleet import itsd, submit, workers
 from PIL import Image
 
 from core.images import psnr
-from core.queue import TASK_NAME, Keys, redis_client, status_counts
+from core.queue import TASK_NAME
+from core.records import Keys, status_counts
+from core.redis_url import redis_client
 from producer.cli import itsd as itsd_group
 from producer.local import LocalWorker, RedisServer, wait_registered
 
@@ -555,7 +557,7 @@ def test_submit_wait_says_so_while_redis_is_down_and_carries_on_when_it_is_back(
     import redis
 
     from core.job import Result
-    from core.queue import record_result
+    from core.records import record_result
     from core.settings import Settings
     from producer.batch import Broker
     from producer.submit import wait_for

@@ -16,7 +16,8 @@ from fleet import submit, workers
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.manifest import Manifest
-from core.queue import Keys, redis_client
+from core.records import Keys
+from core.redis_url import redis_client
 from producer.local import RedisServer, free_port
 
 STEPS = ["--steps", "2", "--seed", "7"]

@@ -10,7 +10,8 @@ import pytest
 from conftest import photo
 
 from core.params import EditParams
-from core.queue import Keys, queue_for, status_counts
+from core.queue import queue_for
+from core.records import Keys, status_counts
 from core.settings import Settings
 from producer.batch import Broker, submit_batch
 from producer.local import RedisServer

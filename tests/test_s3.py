@@ -19,7 +19,8 @@ from conftest import photo
 from fleet import submit, workers
 
 from core.params import EditParams
-from core.queue import Keys, redis_client, status_counts
+from core.records import Keys, status_counts
+from core.redis_url import redis_client
 from producer.local import RedisServer, free_port
 from producer.sources import collect_sources
 

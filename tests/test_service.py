@@ -21,7 +21,9 @@ from core.errors import ModelUnavailable, ProviderError, StorageError, StorageRe
 from core.images import encode_image
 from core.job import Job, job_id_for
 from core.params import EditParams
-from core.queue import Keys, forget_results, queue_for, record_result, redact, redis_client, status_counts
+from core.queue import queue_for
+from core.records import Keys, forget_results, record_result, status_counts
+from core.redis_url import redact, redis_client
 from core.settings import Settings
 from core.standin import StandInModel
 from core.storage import storage_error
@@ -329,7 +331,8 @@ def test_queue_names_and_urls_are_checked_and_passwords_redacted():
 def test_rediss_urls_check_certificates_unless_told_otherwise():
     import ssl
 
-    from core.queue import celery_config, tls_options
+    from core.queue import celery_config
+    from core.redis_url import tls_options
 
     assert tls_options("redis://h:6379/0") is None
     assert tls_options("rediss://h:6379/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}

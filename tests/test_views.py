@@ -12,7 +12,8 @@ import pytest
 from conftest import photo
 from fleet import itsd, submit, workers
 
-from core.queue import Keys, redis_client
+from core.records import Keys
+from core.redis_url import redis_client
 from producer.local import RedisServer
 from producer.views import worker_rows
 

@@ -11,7 +11,8 @@ from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_init
 
 from core.errors import TransientError
-from core.queue import TASK_NAME, celery_config, redis_client
+from core.queue import TASK_NAME, celery_config
+from core.redis_url import redis_client
 from core.settings import Settings
 from worker.batching import HandedBack
 from worker.metrics import WorkerMetrics

@@ -14,19 +14,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from core.queue import Keys
+from core.records import Keys
 
-# KEYS[1] = claim key; ARGV[1] = owner; ARGV[2] = ttl in ms
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-# ARGV[3] = the dead owner to replace
-_STEAL = (
-    "if redis.call('get', KEYS[1]) == ARGV[3] then "
-    "return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) end return false"
-)
+_LUA = Path(__file__).parent / "lua"
+_RENEW, _RELEASE, _STEAL = ((_LUA / f"claim_{name}.lua").read_text() for name in ("renew", "release", "steal"))
 HOST = socket.gethostname()
 
 

@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Any
 
-from core.queue import WORKER_HEARTBEAT_S, Keys, redis_client
+from core.queue import WORKER_HEARTBEAT_S
+from core.records import Keys
+from core.redis_url import redis_client
 from worker.service import ModelSpec
 
 log = logging.getLogger(__name__)

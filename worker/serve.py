@@ -18,7 +18,8 @@ from core.edit import Backend, Tiling
 from core.errors import BrokerAuthError, BrokerUnreachable, WarmUpFailed
 from core.manifest import Manifest
 from core.options import no_password_on_argv, runtime_options, tile_batch_option
-from core.queue import check_broker_url, check_connection, queue_for, redact
+from core.queue import queue_for
+from core.redis_url import check_broker_url, check_connection, redact
 from core.settings import Settings
 from worker.registry import WorkerRecord, register
 from worker.runtimes import check_choice

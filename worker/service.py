@@ -34,7 +34,7 @@ from core.errors import (
 )
 from core.images import decode_image, encode_image
 from core.job import Job, Result
-from core.queue import Keys, record_result
+from core.records import Keys, record_result
 from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
 from worker.batching import BatchedBackend, ThreadPool

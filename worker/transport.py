@@ -16,7 +16,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 
-from core.queue import Keys
+from core.records import Keys
 
 log = logging.getLogger(__name__)
 RAW_LIMIT = 2000  # characters of a bad entry kept in its dead letter
