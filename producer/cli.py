@@ -22,8 +22,12 @@ class Entry(NamedTuple):
 
 COMMANDS: dict[str, Entry] = {
     "export": Entry("export.cli:export", "export", "Export a diffusers IP2P checkpoint to verified ONNX artifacts."),
-    "edit": Entry("worker.cli:edit", "worker", "Edit images in this process, no queue (ONNX, or a torch baseline)."),
-    "worker": Entry("worker.serve:worker", "worker", "Serve exported models from their queues (a Celery worker)."),
+    "edit": Entry(
+        "worker.edit_command:edit", "worker", "Edit images in this process, no queue (ONNX, or a torch baseline)."
+    ),
+    "worker": Entry(
+        "worker.worker_command:worker", "worker", "Serve exported models from their queues (a Celery worker)."
+    ),
     "submit": Entry("producer.submit:submit", "producer", "Queue a batch of edits; --wait shows progress."),
     "status": Entry("producer.views:status", "producer", "Counts, failures and throughput of a batch; --watch: live."),
     "workers": Entry("producer.views:workers", "producer", "Which workers serve which models, on what."),

@@ -37,7 +37,7 @@ def test_the_root_help_lists_commands_without_importing_them():
 
 def test_the_worker_pipeline_and_edit_command_load_without_torch_or_diffusers():
     code = (
-        "import sys, json, worker.pipeline, worker.cli, core.schedulers, worker.tokenizer, worker.providers; "
+        "import sys, json, worker.pipeline, worker.edit_command, core.schedulers, worker.tokenizer, worker.providers; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

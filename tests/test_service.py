@@ -1,4 +1,4 @@
-"""The worker's job handling (worker/service.py) against a real redis-server, with a stand-in model."""
+"""The worker's job handling (worker/jobs.py) against a real redis-server, with a stand-in model."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from core.standin import StandInModel
 from core.storage import storage_error
 from producer.local import RedisServer
 from worker.claims import Claim, owner_is_dead
-from worker.service import EditService, ModelSpec
+from worker.jobs import EditService, ModelSpec
 
 
 class Invert(StandInModel):

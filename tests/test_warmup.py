@@ -11,7 +11,7 @@ import pytest
 from core.edit import Tiling
 from core.errors import InvalidModel
 from core.standin import StandInModel
-from worker.service import ModelSpec
+from worker.jobs import ModelSpec
 from worker.warmup import probe
 
 

@@ -15,8 +15,8 @@ from core.queue import TASK_NAME, celery_config
 from core.redis_url import redis_client
 from core.settings import Settings
 from worker.batching import HandedBack
+from worker.jobs import EditService, ModelSpec
 from worker.metrics import WorkerMetrics
-from worker.service import EditService, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def enable() -> Path:
 
 
 class WorkerMetrics:
-    """The metrics a worker's processes update (`worker.service.EditService` calls these)."""
+    """The metrics a worker's processes update (`worker.jobs.EditService` calls these)."""
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram

@@ -15,7 +15,7 @@ from typing import Any
 from core.queue import WORKER_HEARTBEAT_S
 from core.records import Keys
 from core.redis_url import redis_client
-from worker.service import ModelSpec
+from worker.jobs import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from core.edit import Backend, Tiling, edit_image
 from core.params import EditParams
 
 if TYPE_CHECKING:
-    from worker.service import ModelSpec
+    from worker.jobs import ModelSpec
 
 log = logging.getLogger(__name__)
 _WARM_UP = EditParams(steps=1, seed=0)

@@ -21,9 +21,9 @@ from core.options import no_password_on_argv, runtime_options, tile_batch_option
 from core.queue import queue_for
 from core.redis_url import check_broker_url, check_connection, redact
 from core.settings import Settings
+from worker.jobs import ModelSpec
 from worker.registry import WorkerRecord, register
 from worker.runtimes import check_choice
-from worker.service import ModelSpec
 from worker.warmup import probe
 
 log = logging.getLogger(__name__)
