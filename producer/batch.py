@@ -106,17 +106,43 @@ def submit_batch(
 ) -> Submission:
     """Record the batch and queue its unfinished jobs. `on_progress(n)` is called as inputs are read."""
     model_id = broker.model_id(model)
-    settings, client = broker.settings, broker.client
-    jobs: list[Job] = []
-    refused: list[Result] = [
+    limit = broker.settings.inline_max_bytes if inline else 0
+    jobs, refused = read_jobs(broker, sources, rejected, destination, model, model_id, limit, overwrite, on_progress)
+    ids = sorted({j.job_id for j in jobs} | {r.job_id for r in refused})
+    batch_id = hashlib.sha256(json.dumps([destination, model_id, ids]).encode()).hexdigest()[:16]
+    keys = Keys(batch_id)
+    jobs = [replace(job, batch_id=batch_id) for job in jobs]
+    pending = unfinished(broker.client, keys, jobs, refused, overwrite)
+    if not overwrite and not inline:
+        pending = skip_existing_outputs(broker, keys, pending)
+    info = {"destination": destination, "model": model, "model_id": model_id, "inline": int(inline)}
+    record_batch(broker, keys, jobs, refused, {**info, "total": len(ids)})
+    enqueue(broker, pending, model)
+    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
+
+
+def read_jobs(
+    broker: Broker,
+    sources: list[Source],
+    rejected: list[Rejected],
+    destination: str,
+    model: str,
+    model_id: str,
+    inline_limit: int,
+    overwrite: bool,
+    on_progress: Callable[[int], None] | None,
+) -> tuple[list[Job], list[Result]]:
+    """Each source's job (its input read, in parallel, for the job id), and a failed result for each input that
+    could not be read or was rejected before."""
+    refused = [
         Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
         for r in rejected
     ]
-    limit = settings.inline_max_bytes if inline else 0
+    jobs: list[Job] = []
+    max_bytes = broker.settings.max_input_bytes
     with ThreadPoolExecutor(READERS) as pool:
         futures = [
-            pool.submit(_job_for, s, destination, model, model_id, limit, overwrite, settings.max_input_bytes)
-            for s in sources
+            pool.submit(_job_for, s, destination, model, model_id, inline_limit, overwrite, max_bytes) for s in sources
         ]
         for source, future in zip(sources, futures, strict=True):
             try:
@@ -128,55 +154,44 @@ def submit_batch(
                 )
             if on_progress:
                 on_progress(1)
-    ids = sorted({j.job_id for j in jobs} | {r.job_id for r in refused})
-    batch_id = hashlib.sha256(json.dumps([destination, model_id, ids]).encode()).hexdigest()[:16]
-    keys = Keys(batch_id)
-    jobs = [replace(job, batch_id=batch_id) for job in jobs]
+    return jobs, refused
 
+
+def unfinished(client: Any, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool) -> list[Job]:
+    """The jobs a resubmission must run: all with `overwrite`, else those not done or skipped; the results of
+    those that run again (failed, cancelled) and of refused inputs are forgotten."""
     known = {k.decode(): v.decode() for k, v in client.hgetall(keys.statuses).items()}
     finished = set() if overwrite else {i for i, status in known.items() if status in ("done", "skipped")}
     rerun = [j.job_id for j in jobs if j.job_id in known and j.job_id not in finished]
     forget_results(client, keys, rerun + [r.job_id for r in refused])
-    pending = [j for j in jobs if j.job_id not in finished]
-    if not overwrite and not inline:
-        with ThreadPoolExecutor(READERS) as pool:
-            exists = list(pool.map(lambda j: uri_exists(j.output_uri), pending))
-        now = time.time()
-        for job in (j for j, e in zip(pending, exists, strict=True) if e):
-            record_result(
-                client,
-                keys,
-                Result(job.job_id, "skipped", job.output_uri, finished_at=now).to_dict(),
-                settings.result_expires,
-            )
-        pending = [j for j, e in zip(pending, exists, strict=True) if not e]
+    return [j for j in jobs if j.job_id not in finished]
 
+
+def skip_existing_outputs(broker: Broker, keys: Keys, pending: list[Job]) -> list[Job]:
+    """Record as skipped the jobs whose output already exists (checked in parallel); the others."""
+    with ThreadPoolExecutor(READERS) as pool:
+        exists = list(pool.map(lambda j: uri_exists(j.output_uri), pending))
     now = time.time()
+    for job in (j for j, e in zip(pending, exists, strict=True) if e):
+        skipped = Result(job.job_id, "skipped", job.output_uri, finished_at=now)
+        record_result(broker.client, keys, skipped.to_dict(), broker.settings.result_expires)
+    return [j for j, e in zip(pending, exists, strict=True) if not e]
+
+
+def record_batch(broker: Broker, keys: Keys, jobs: list[Job], refused: list[Result], info: dict[str, Any]) -> None:
+    """The batch record, its jobs (inline bytes left out) and its refused inputs, all expiring together, and its
+    place among the batches by time."""
+    client, expires, now = broker.client, broker.settings.result_expires, time.time()
     client.hsetnx(keys.batch, "created_at", now)
-    client.hset(
-        keys.batch,
-        mapping={
-            "batch_id": batch_id,
-            "destination": destination,
-            "model": model,
-            "model_id": model_id,
-            "inline": int(inline),
-            "total": len(ids),
-            "cancelled": 0,
-            "submitted_at": now,
-        },
-    )
+    client.hset(keys.batch, mapping={"batch_id": keys.batch_id, **info, "cancelled": 0, "submitted_at": now})
     for start in range(0, len(jobs), 1000):
         chunk = jobs[start : start + 1000]
         client.hset(keys.jobs, mapping={j.job_id: json.dumps(replace(j, input_b64=None).to_dict()) for j in chunk})
     for result in refused:
-        record_result(client, keys, result.to_dict(), settings.result_expires)
+        record_result(client, keys, result.to_dict(), expires)
     for key in keys.all():
-        client.expire(key, settings.result_expires)
-    client.zadd(Keys.batches, {batch_id: now})
-
-    enqueue(broker, pending, model)
-    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
+        client.expire(key, expires)
+    client.zadd(Keys.batches, {keys.batch_id: now})
 
 
 def enqueue(broker: Broker, jobs: list[Job], model: str) -> None:
