@@ -53,3 +53,15 @@ def workers(
 def submit(url: str, inputs: Path, out: Path, instruction: str, *options: str, model: str = "a", cwd: Path = REPO):
     """`itsd submit INPUTS -i INSTRUCTION -m MODEL -o OUT [options]` against the broker at URL."""
     return itsd(url, "submit", str(inputs), "-i", instruction, "-m", model, "-o", str(out), *options, cwd=cwd)
+
+
+def photo_folder(folder: Path, count: int, size: tuple[int, int], broken: bool = False) -> Path:
+    """`count` photos p0.png... in `folder`, and with `broken` a file named broken.png that is no image."""
+    from conftest import photo
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        photo(*size, seed=i).save(folder / f"p{i}.png")
+    if broken:
+        (folder / "broken.png").write_bytes(b"\x89PNG no")
+    return folder

@@ -11,8 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import photo
-from fleet import submit, workers
+from fleet import photo_folder, submit, workers
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.manifest import Manifest
@@ -54,11 +53,7 @@ def wait_ready(port: int, timeout: float = 60) -> None:
 
 
 def test_worker_metrics_after_a_real_batch_count_its_results(redis, tiny_artifacts, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(4):
-        photo(64, 48, seed=i).save(inputs / f"p{i}.png")
-    (inputs / "broken.png").write_bytes(b"\x89PNG no")
+    inputs = photo_folder(tmp_path / "in", 4, (64, 48), broken=True)
     port = free_port()
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, concurrency=2, env={"ITSD_METRICS_PORT": str(port)}):
         wait_ready(port)
@@ -88,10 +83,7 @@ def test_worker_metrics_after_a_real_batch_count_its_results(redis, tiny_artifac
 
 @pytest.mark.slow
 def test_the_queue_exporter_counts_waiting_reserved_and_running_jobs_per_model(redis, tiny_artifacts, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(4):
-        photo(256, 256, seed=i).save(inputs / f"p{i}.png")
+    inputs = photo_folder(tmp_path / "in", 4, (256, 256))
     client = redis_client(redis.url)
     client.lpush("itsd.idle", b"{}")  # a queue no worker has registered (a model scaled to zero) still shows
     port = free_port()

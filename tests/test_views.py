@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import photo
-from fleet import itsd, submit, workers
+from fleet import itsd, photo_folder, submit, workers
 
 from core.records import Keys
 from core.redis_url import redis_client
@@ -54,11 +53,7 @@ def test_a_worker_that_missed_three_heartbeats_is_shown_as_gone(redis):
 
 @pytest.mark.slow
 def test_status_watch_follows_a_batch_to_its_end_with_rates_and_the_latest_failures(redis, tiny_artifacts, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(6):
-        photo(128, 96, seed=i).save(inputs / f"p{i}.png")
-    (inputs / "broken.png").write_bytes(b"\x89PNG no")
+    inputs = photo_folder(tmp_path / "in", 6, (128, 96), broken=True)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
         run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", "--steps", "20", "--seed", "1")
         batch = run.stdout.split("batch ", 1)[1].split(":", 1)[0]
