@@ -80,6 +80,13 @@ class BrokerUnreachable(ItsdError):
     code = "broker"
 
 
+class LocalProcessFailed(ItsdError):
+    """A process `itsd run` starts on this machine could not: redis-server not installed, or it or a local
+    worker exited or stayed silent at start."""
+
+    code = "local_process"
+
+
 class BrokerAuthError(BrokerUnreachable):
     """Redis answered, but refused the password or wants one: waiting will not help."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from core.errors import InvalidParameters
+from core.errors import LocalProcessFailed
 from core.records import Keys
 
 
@@ -51,7 +51,7 @@ class RedisServer:
         tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         if shutil.which("redis-server") is None:
-            raise InvalidParameters(
+            raise LocalProcessFailed(
                 "redis-server is not installed: apt-get install redis-server (or pass --broker URL to use another)"
             )
         self._owned = folder is None
@@ -120,13 +120,13 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 log = (self.folder / "redis.log").read_text(errors="replace")[-2000:] if self._has_log() else ""
-                raise InvalidParameters(f"redis-server exited with status {self.process.returncode}: {log}")
+                raise LocalProcessFailed(f"redis-server exited with status {self.process.returncode}: {log}")
             try:
                 if client.ping():
                     return
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # starting, or loading its AOF
                 time.sleep(0.05)
-        raise InvalidParameters(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
+        raise LocalProcessFailed(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
 
     def _has_log(self) -> bool:
         return (self.folder / "redis.log").is_file()
@@ -205,8 +205,8 @@ def wait_registered(client: Any, models: list[str], workers: list[LocalWorker], 
     while time.monotonic() < deadline:
         dead = [w for w in workers if not w.alive()]
         if dead:
-            raise InvalidParameters(f"worker {dead[0].name} exited at start:\n{dead[0].log_tail()}")
+            raise LocalProcessFailed(f"worker {dead[0].name} exited at start:\n{dead[0].log_tail()}")
         if all(client.hexists(Keys.models, m) for m in models):
             return
         time.sleep(0.1)
-    raise InvalidParameters(f"workers did not start within {timeout:.0f} s:\n{workers[0].log_tail()}")
+    raise LocalProcessFailed(f"workers did not start within {timeout:.0f} s:\n{workers[0].log_tail()}")

@@ -49,7 +49,7 @@ def select_tasks(rows: Any, tasks: tuple[str, ...]) -> Any:
     return rows.select([i for i, task in enumerate(rows[TASK_COLUMN]) if task in wanted])
 
 
-def load_models(models: dict[str, str], backend: str | None) -> dict[str, Backend]:
+def load_backends(models: dict[str, str], backend: str | None) -> dict[str, Backend]:
     loaded = {}
     for name, path in models.items():
         try:
@@ -131,7 +131,7 @@ def evaluate(dataset: Path, models: dict[str, str], out: Path, params: EditParam
         rows = rows.select(range(min(options["limit"], len(rows))))
     if len(rows) == 0:
         raise click.ClickException(f"split {split!r} of {dataset} has no rows")
-    backends = load_models(models, options["backend"])
+    backends = load_backends(models, options["backend"])
     clip, clip_note = clip_or_reason(options["clip_model"])
     if clip is None:
         click.echo(f"CLIP similarity {clip_note}", err=True)
