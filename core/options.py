@@ -115,6 +115,17 @@ def runtime_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return runtime(precision(command))
 
 
+def broker_url_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--broker (or ITSD_BROKER_URL): the Redis to use, a password only through the environment."""
+    return click.option(
+        "--broker",
+        envvar="ITSD_BROKER_URL",
+        metavar="URL",
+        callback=no_password_on_argv,
+        help="redis:// or rediss:// URL; a password only through the env. [env: ITSD_BROKER_URL]",
+    )(command)
+
+
 def no_password_on_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A --broker callback: a URL with a password typed on the command line is refused (every user on the host
     can read a process's argv with `ps`); the same URL from ITSD_BROKER_URL is fine."""

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from core.inputs import safe_relative
 from core.job import Job
-from core.options import edit_options, no_password_on_argv
+from core.options import broker_url_option, edit_options
 from core.params import EditParams
 from core.records import Keys
 from core.redis_url import check_broker_url, redact
@@ -32,13 +32,7 @@ FAILURES_SHOWN = 20
 def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
     """--broker (or ITSD_BROKER_URL), turned into a connected `Broker`."""
 
-    @click.option(
-        "--broker",
-        envvar="ITSD_BROKER_URL",
-        metavar="URL",
-        callback=no_password_on_argv,
-        help="redis:// or rediss:// URL; a password only through the env. [env: ITSD_BROKER_URL]",
-    )
+    @broker_url_option
     @functools.wraps(command)
     def wrapper(*args: Any, broker: str | None, **kwargs: Any) -> Any:
         return command(*args, broker=Broker(check_broker_url(broker), Settings.from_env()), **kwargs)

@@ -85,7 +85,7 @@ def test_concurrent_calls_share_one_model_call_and_each_gets_its_own_rows():
     for index, steps in enumerate(results):
         for step, (output, jobs) in enumerate(steps):
             assert np.array_equal(output, rowwise(*inputs(index * 10 + step))) and jobs == 4
-    assert batcher.sizes == [1, 4, 4, 4, 4, 4]  # the opener, then 20 calls in 5 model calls
+    assert list(batcher.sizes) == [1, 4, 4, 4, 4, 4]  # the opener, then 20 calls in 5 model calls
 
 
 def test_a_call_that_breaks_the_model_fails_alone_and_its_batch_mates_get_their_rows():
@@ -105,7 +105,7 @@ def test_a_call_that_breaks_the_model_fails_alone_and_its_batch_mates_get_their_
     assert results[1] == "NaN in the batch"
     for index in (0, 2):
         assert np.array_equal(results[index], rowwise(*inputs(index)))
-    assert batcher.sizes == [1, 3, 1, 1, 1]  # the opener; the three together; then each alone
+    assert list(batcher.sizes) == [1, 3, 1, 1, 1]  # the opener; the three together; then each alone
 
 
 def test_a_call_of_another_shape_runs_in_its_own_batch_and_max_rows_bounds_a_call():
@@ -121,7 +121,7 @@ def test_a_call_of_another_shape_runs_in_its_own_batch_and_max_rows_bounds_a_cal
         return output
 
     gathered(batcher, unet, 4, job)
-    assert batcher.sizes[0] == 1 and sorted(batcher.sizes[1:]) == [1, 1, 2]  # 3 rows a call: 2 calls a batch
+    assert batcher.sizes[0] == 1 and sorted(list(batcher.sizes)[1:]) == [1, 1, 2]  # 3 rows a call: 2 calls a batch
 
 
 def test_a_lone_member_is_not_kept_waiting_by_one_that_left():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,7 +74,7 @@ class Batcher:
         self._members: set[int] = set()  # threads between their first UNet call and their next other call
         self._waiting: list[_Call] = []
         self._running = False
-        self.sizes: list[int] = []  # jobs per model call, for tests and benchmarks
+        self.sizes: deque[int] = deque(maxlen=10_000)  # jobs per recent model call, for tests and benchmarks
 
     @property
     def waiting(self) -> int:

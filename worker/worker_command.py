@@ -17,7 +17,7 @@ from core.access import parse_roots
 from core.edit import Backend, Tiling
 from core.errors import BrokerAuthError, BrokerUnreachable, WarmUpFailed
 from core.manifest import Manifest
-from core.options import no_password_on_argv, runtime_options, tile_batch_option
+from core.options import broker_url_option, runtime_options, tile_batch_option
 from core.queue import queue_for
 from core.redis_url import check_broker_url, check_connection, redact
 from core.settings import Settings
@@ -144,13 +144,7 @@ def _root_option(kind: str, what: str) -> Callable[[Callable[..., Any]], Callabl
     metavar="NAME=ARTIFACTS",
     help="A model to serve from queue itsd.NAME: an artifact folder from `itsd export`. Repeatable.",
 )
-@click.option(
-    "--broker",
-    envvar="ITSD_BROKER_URL",
-    metavar="URL",
-    callback=no_password_on_argv,
-    help="redis:// or rediss:// URL; a password only through the env. [env: ITSD_BROKER_URL]",
-)
+@broker_url_option
 @click.option("--device", default="auto", show_default=True, help="auto (ITSD_PROVIDERS order), cpu, or cuda:N.")
 @click.option(
     "--concurrency",
