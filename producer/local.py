@@ -56,6 +56,7 @@ class RedisServer:
             )
         self._owned = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="itsd-redis-")) if folder is None else folder
+        self.folder.mkdir(parents=True, exist_ok=True)  # redis-server exits without a word if it cannot chdir there
         self.appendonly = appendonly
         self.port = port or free_port()
         self.password = secrets.token_hex(16)

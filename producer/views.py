@@ -15,7 +15,7 @@ from core.job import Result
 from core.queue import WORKER_HEARTBEAT_S
 from core.records import Keys, status_counts
 from producer.batch import Broker, batch_record, per_worker, progress, results
-from producer.submit import broker_option, describe, echo_failures
+from producer.submit import broker_option, describe, echo_failures, input_name
 
 
 def _ago(seconds: float) -> str:
@@ -81,7 +81,9 @@ class Watch:
         failures = [Result.from_dict(json.loads(raw)) for raw in client.lrange(keys.failures, 0, 4)]
         if failures:
             lines.append("  latest failures:")
-            lines += [f"    {r.output_uri or r.job_id}: {r.error_type}: {r.error_message}" for r in failures]
+            for r in failures:  # named by their input, as `submit --wait` names them
+                name = input_name(client.hget(keys.jobs, r.job_id)) or r.job_id[:12]
+                lines.append(f"    {name}: {r.error_type}: {r.error_message}")
         return "\n".join(lines), not left or state == "cancelled"
 
 

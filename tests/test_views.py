@@ -70,4 +70,4 @@ def test_status_watch_follows_a_batch_to_its_end_with_rates_and_the_latest_failu
     last = frames[-1]
     assert last.startswith("finished): 6 done, 0 skipped, 1 failed, 0 cancelled of 7"), last
     assert "img/s" in last and "w0@" in last and "latest failures:" in last
-    assert "broken.png: invalid_image" in last
+    assert f"{inputs / 'broken.png'}: invalid_image" in last  # named by its input
