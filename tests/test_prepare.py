@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -142,6 +143,38 @@ def test_synthetic_preparation_is_deterministic_for_a_seed(photos: Path, tmp_pat
     assert content("a") == content("b")
     assert content("a") != content("c")
     assert len(content("a")) == 2 * len(PHOTOS)
+
+
+def test_build_dataset_is_the_library_behind_the_command_and_raises_itsd_errors(photos: Path, tmp_path: Path) -> None:
+    from core.errors import InvalidParameters
+    from training.prepare import DatasetSpec, build_dataset
+
+    args = ["--clean", str(photos), "--task", "derain=2", "--task", "denoise", "--paraphrases", "all", "--seed", "3"]
+    assert prepare(str(tmp_path / "command"), *args)[0] == 0
+    spec = DatasetSpec(clean=photos, tasks={"derain": 2.0, "denoise": 1.0}, paraphrases="all", seed=3, resolution=64)
+    reported: list[str] = []
+    summary = build_dataset(spec, tmp_path / "library", progress=False, report=reported.append)
+    assert summary == {**json.loads((tmp_path / "command" / "summary.json").read_text()), "output": summary["output"]}
+    command, library = load_from_disk(str(tmp_path / "command")), load_from_disk(str(tmp_path / "library"))
+    for split in command:
+        assert [(r["instruction"], pixels(r["input_image"]).tobytes()) for r in command[split]] == [
+            (r["instruction"], pixels(r["input_image"]).tobytes()) for r in library[split]
+        ]
+    assert reported == []
+
+    wrong = {
+        "give exactly one source": DatasetSpec(photos=photos, clean=photos),
+        "--untouched goes with --clean": DatasetSpec(photos=photos, untouched=0.2),
+        "no degradation or teacher for task(s) sharpen": DatasetSpec(clean=photos, tasks={"sharpen": 1.0}),
+        "motion_blur has no parameter 'speed'": DatasetSpec(clean=photos, ranges={"motion_blur": {"speed": (0, 1)}}),
+        "at most 1": DatasetSpec(clean=photos, validation_fraction=0.6, test_fraction=0.6),
+        "no instruction templates for task 'derain'": DatasetSpec(clean=photos, templates_dir=tmp_path),
+    }
+    for says, bad in wrong.items():
+        with pytest.raises(InvalidParameters, match=re.escape(says)):
+            build_dataset(bad, tmp_path / "bad", progress=False)
+    with pytest.raises(InvalidParameters, match="exists and is not empty"):
+        build_dataset(spec, tmp_path / "library", progress=False)
 
 
 def test_synthetic_targets_are_clean_crops_and_inputs_are_degraded(photos: Path, tmp_path: Path) -> None:

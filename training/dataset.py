@@ -19,7 +19,7 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from PIL import Image as PILImage
 
-from core.errors import InvalidImage
+from core.errors import InvalidImage, InvalidParameters
 from core.images import decode_image, encode_image, read_image_file, to_rgb
 
 
@@ -61,7 +61,7 @@ def features(schema: Schema, all_paraphrases: bool) -> Features:
     ] + ([(CHOICES_COLUMN, Sequence(Value("string")))] if all_paraphrases else [])
     names = [name for name, _ in columns]
     if len(set(names)) != len(names):
-        raise ValueError(f"column names must all differ, got {', '.join(names)}")
+        raise InvalidParameters(f"column names must all differ, got {', '.join(names)}")
     return Features(dict(columns))
 
 

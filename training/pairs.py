@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.errors import InvalidParameters
 from training.config import ConfigError, TrainConfig
 from training.dataset import Crop, aligned_crop, as_pil
 from training.templates import load_templates
@@ -69,7 +70,7 @@ def load_paraphrases(folder: Path | None, tasks: Sequence[str]) -> dict[str, lis
     for task in sorted(set(tasks) - {""}):
         try:
             found[task] = load_templates(task, folder)
-        except (FileNotFoundError, ValueError):
+        except InvalidParameters:
             continue
     return found
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import InvalidParameters
+
 TEMPLATE_DIR = Path(__file__).parent / "instructions"
 # Tasks that ship templates. The schema each one is written in is declared in `training.dataset`.
 TASKS = ("cartoonization", "low_light", "denoise", "derain", "deblur")
@@ -22,11 +24,11 @@ def load_templates(task: str, directory: Path | None = None) -> list[str]:
     path = (directory or TEMPLATE_DIR) / f"{task}.txt"
     if not path.is_file():
         known = sorted(p.stem for p in (directory or TEMPLATE_DIR).glob("*.txt"))
-        raise FileNotFoundError(f"no instruction templates for task {task!r} ({path}); known: {', '.join(known)}")
+        raise InvalidParameters(f"no instruction templates for task {task!r} ({path}); known: {', '.join(known)}")
     lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
     templates = list(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
     if not templates:
-        raise ValueError(f"{path} holds no instructions")
+        raise InvalidParameters(f"{path} holds no instructions")
     return templates
 
 

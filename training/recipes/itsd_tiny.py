@@ -29,7 +29,7 @@ import numpy as np
 from training.autoencoder import fit_scaling_factor, make_pixel_autoencoder, reconstruction_psnr
 from training.copy_path import make_copy_path, mute_noisy_latents
 from training.dataset import as_pil
-from training.prepare_cli import untouched_option
+from training.prepare_cli import echo_summary, untouched_option
 from training.recipes.photos import PHOTOS, write_photos
 
 HELD_OUT = ("chelsea", "coffee", "grace_hopper")  # a cat, a still life, a portrait: the test set
@@ -40,15 +40,21 @@ UNTOUCHED = 0.25  # share of restoration rows with nothing of their task to undo
 
 
 def prepare(photos: Path, out: Path, seed: int, samples: int, split: str, untouched: float = 0.0) -> None:
-    from training.prepare_cli import prepare as prepare_command
+    """Every crop of `photos` into one split of a dataset at OUT, each with one of TASKS and every paraphrase."""
+    from training.prepare import DatasetSpec, build_dataset
 
-    args = [str(out), "--clean", str(photos), "--paraphrases", "all", "--resolution", "256", "--quiet"]
-    args += [f"--task={task}" for task in TASKS]
-    args += ["--samples-per-image", str(samples), "--seed", str(seed), "--overwrite"]
-    fractions = {"train": ("0", "0"), "test": ("0", "1")}[split]
-    args += ["--validation-fraction", fractions[0], "--test-fraction", fractions[1]]
-    args += ["--untouched", str(untouched)] if untouched else []
-    prepare_command.main(args, standalone_mode=False)
+    spec = DatasetSpec(
+        clean=photos,
+        tasks=dict.fromkeys(TASKS, 1.0),
+        paraphrases="all",
+        untouched=untouched,
+        resolution=256,
+        samples_per_image=samples,
+        seed=seed,
+        validation_fraction=0.0,
+        test_fraction=1.0 if split == "test" else 0.0,
+    )
+    echo_summary(build_dataset(spec, out, overwrite=True, progress=False))
 
 
 def build_autoencoder(base: Path, data: Path, held_out: Path) -> dict[str, float]:
