@@ -1,13 +1,15 @@
 """The artifact folder's contract: what export writes and the only thing a worker reads.
 
-Model facts are data. `COMPONENTS` declares every ONNX component's inputs and outputs with their
-symbolic axes; export derives `dynamic_axes` from it and the worker checks sessions against it.
+Model facts are data. `COMPONENTS` holds one record per ONNX component: its inputs and outputs with their
+symbolic axes, the precision it keeps and its TensorRT batch range. Export derives `dynamic_axes`, example
+inputs, dtypes and TensorRT profiles from it; the worker checks sessions against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,60 +26,96 @@ SCHEDULER_FILE = "scheduler_config.json"
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # "int64", or "float" for the component's floating dtype (fp32 or fp16)
-    shape: tuple[int | str, ...]  # str entries are dynamic axes
+    dtype: str  # "int64", "float32", or "float" for the component's floating dtype (fp32 or fp16)
+    shape: tuple[int | str, ...]  # str entries are symbols: model dimensions, or dynamic axes
+    example: float = 0.0  # the value export traces with
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
+    def resolve(self, values: Mapping[str, int]) -> list[int | str]:
+        """The shape with every symbol that `values` knows replaced by its size."""
+        return [values.get(d, d) if isinstance(d, str) else d for d in self.shape]
+
 
 @dataclass(frozen=True)
 class ComponentSpec:
+    """Everything one ONNX graph is: its tensors, the precision it keeps, and the batches TensorRT builds for."""
+
     name: str
+    module: str  # the diffusers pipeline's attribute it is exported from
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    always_fp32: bool = False  # kept fp32 in an fp16 export
+    trt_batch: tuple[int, int, int] = (1, 1, 1)  # TensorRT profile's batch: min, opt, max
 
     @property
     def filename(self) -> str:
         return f"{self.name}.onnx"
 
+    def trt_profile(self, dims: Mapping[str, int], vae_scale: int, side: Mapping[str, int]) -> dict[str, Any]:
+        """{input: {min|opt|max: shape}}: the shape ranges a TensorRT engine is built for, pixel sides `side`."""
+        values = {
+            bound: {**dims, **image_dims(side[bound], vae_scale), "batch": batch}
+            for bound, batch in zip(("min", "opt", "max"), self.trt_batch, strict=True)
+        }
+        return {t.name: {bound: t.resolve(v) for bound, v in values.items()} for t in self.inputs}
 
-def _t(name: str, *shape: int | str, dtype: str = "float") -> TensorSpec:
-    return TensorSpec(name, dtype, shape)
+
+def image_dims(side: int, vae_scale: int) -> dict[str, int]:
+    """The image and latent symbols' sizes for a square image of `side` pixels."""
+    return {"height": side, "width": side, "latent_height": side // vae_scale, "latent_width": side // vae_scale}
+
+
+def _t(name: str, *shape: int | str, dtype: str = "float", example: float = 0.0) -> TensorSpec:
+    return TensorSpec(name, dtype, shape, example)
 
 
 # InstructPix2Pix in four ONNX graphs. The VAE encoder returns the latent distribution's mode
 # (unscaled, as IP2P conditions on it); the decoder takes latents already divided by the scale factor.
+# fp16 is for the UNet, where the time goes: the SD VAE overflows to NaN in fp16, and the text encoder runs
+# once per instruction per process (cached) and, traced in fp16, mixes dtypes in its LayerNorms.
+# TensorRT batches: 3-way guidance makes 3 UNet rows per tile, up to 4 tiles a call (--tile-batch).
 COMPONENTS: dict[str, ComponentSpec] = {
     c.name: c
     for c in (
         ComponentSpec(
             "text_encoder",
+            "text_encoder",
             (_t("input_ids", "batch", "sequence", dtype="int64"),),
             (_t("last_hidden_state", "batch", "sequence", "hidden"),),
+            always_fp32=True,
+            trt_batch=(1, 2, 2),
         ),
         ComponentSpec(
             "vae_encoder",
+            "vae",
             (_t("sample", "batch", 3, "height", "width"),),
             (_t("latent", "batch", "latent_channels", "latent_height", "latent_width"),),
+            always_fp32=True,
         ),
         ComponentSpec(
             "unet",
+            "unet",
             (
                 _t("sample", "batch", "unet_in_channels", "latent_height", "latent_width"),
-                _t("timestep", "batch", dtype="float32"),
+                _t("timestep", "batch", dtype="float32", example=500.0),
                 _t("encoder_hidden_states", "batch", "sequence", "hidden"),
             ),
             (_t("out_sample", "batch", "latent_channels", "latent_height", "latent_width"),),
+            trt_batch=(1, 3, 12),
         ),
         ComponentSpec(
             "vae_decoder",
+            "vae",
             (_t("latent", "batch", "latent_channels", "latent_height", "latent_width"),),
             (_t("sample", "batch", 3, "height", "width"),),
+            always_fp32=True,
         ),
     )
 }
+TRT_SIDE = {"min": 64, "opt": 512, "max": 1024}  # pixel sides TensorRT engines are built for; opt: the native tile
 
 
 @dataclass(frozen=True)

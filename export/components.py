@@ -1,21 +1,22 @@
 """The four InstructPix2Pix graphs as torch modules, and their export to ONNX.
 
-What each component is (names, axes) is declared once in `core.manifest.COMPONENTS`; this module only
-knows how to wrap the diffusers modules so their forward matches that declaration, and how to make
-example inputs for tracing.
+What each component is (names, axes, precision, example values) is declared once in `core.manifest.COMPONENTS`;
+this module only knows how to wrap a diffusers module so its forward matches that declaration, and the sizes
+of the declaration's symbols in a given pipeline.
 """
 
 from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 import torch
 from diffusers import AutoencoderKL
 
-from core.manifest import ComponentSpec
+from core.manifest import ComponentSpec, image_dims
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GB; above 1 GB, weights go to one .data file
@@ -61,33 +62,34 @@ class Unet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def wrap(pipe, name: str) -> torch.nn.Module:  # noqa: ANN001 (a diffusers pipeline)
-    modules = {
-        "text_encoder": lambda: TextEncoder(pipe.text_encoder),
-        "vae_encoder": lambda: VaeEncoder(pipe.vae),
-        "unet": lambda: Unet(pipe.unet),
-        "vae_decoder": lambda: VaeDecoder(pipe.vae),
-    }
-    return modules[name]().eval()
+WRAPPERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "text_encoder": TextEncoder,
+    "vae_encoder": VaeEncoder,
+    "unet": Unet,
+    "vae_decoder": VaeDecoder,
+}
+EXAMPLE = {"batch": 2, "side": 64}  # small, and no axis the exporter could mistake for a constant
 
 
-def example_inputs(pipe, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
-    """Batch 2 and a 64-px image: small, and no axis the exporter could mistake for a constant."""
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    latent = 64 // vae_scale
-    hidden = pipe.text_encoder.config.hidden_size
-    seq = pipe.tokenizer.model_max_length
-    examples = {
-        "text_encoder": lambda: (torch.zeros(2, seq, dtype=torch.int64),),
-        "vae_encoder": lambda: (torch.zeros(2, 3, 64, 64, dtype=dtype),),
-        "unet": lambda: (
-            torch.zeros(2, pipe.unet.config.in_channels, latent, latent, dtype=dtype),
-            torch.tensor([500.0, 500.0]),
-            torch.zeros(2, seq, hidden, dtype=dtype),
-        ),
-        "vae_decoder": lambda: (torch.zeros(2, pipe.vae.config.latent_channels, latent, latent, dtype=dtype),),
+def wrap(pipe, spec: ComponentSpec) -> torch.nn.Module:  # noqa: ANN001 (a diffusers pipeline)
+    return WRAPPERS[spec.name](getattr(pipe, spec.module)).eval()
+
+
+def model_dims(pipe) -> dict[str, int]:  # noqa: ANN001
+    """The sizes of the model symbols in `COMPONENTS`' shapes, for this pipeline."""
+    return {
+        "unet_in_channels": pipe.unet.config.in_channels,
+        "latent_channels": pipe.vae.config.latent_channels,
+        "hidden": pipe.text_encoder.config.hidden_size,
+        "sequence": pipe.tokenizer.model_max_length,
     }
-    return examples[name]()
+
+
+def example_inputs(pipe, spec: ComponentSpec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """The tensors a component is traced with: its declared shapes at EXAMPLE's batch and side."""
+    values = {**model_dims(pipe), **image_dims(EXAMPLE["side"], pipe.vae_scale_factor), "batch": EXAMPLE["batch"]}
+    dtypes = {"int64": torch.int64, "float32": torch.float32, "float": dtype}
+    return tuple(torch.full(t.resolve(values), t.example, dtype=dtypes[t.dtype]) for t in spec.inputs)
 
 
 def export_component(

@@ -13,25 +13,21 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import onnxruntime
 import torch
 
 from core.errors import ExportFailed, ParityError
-from core.manifest import COMPONENTS, TOKENIZER_DIR, Manifest, checkpoint_hash
+from core.manifest import COMPONENTS, TOKENIZER_DIR, TRT_SIDE, Manifest, TensorSpec, checkpoint_hash
 from core.params import read_edit_defaults
 from core.storage import usual_mode
 from export import checkpoint, verify
-from export.components import OPSET, example_inputs, export_component, wrap
+from export.components import OPSET, example_inputs, export_component, model_dims, wrap
 from export.reference import TorchEditPipeline, native_size
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# fp16 is for the UNet, where the time goes. The SD VAE overflows to NaN in fp16; the text encoder runs
-# once per instruction per process (cached), and traced in fp16 its LayerNorms mix dtypes.
-FP32_ALWAYS = ("text_encoder", "vae_encoder", "vae_decoder")
-BATCH = {"min": 1, "opt": 3, "max": 12}  # 3-way guidance: 3 per tile, up to 4 tiles a call (--tile-batch)
-SIDE = {"min": 64, "opt": 512, "max": 1024}  # pixel sides TensorRT engines are built for; opt: the native tile
 
 
 def export_checkpoint(
@@ -56,10 +52,10 @@ def export_checkpoint(
         for name, spec in COMPONENTS.items():
             report(f"exporting {name} ({manifest.component_dtypes[name]})")
             torch_dtype = DTYPES[manifest.component_dtypes[name]]
-            module = wrap(pipe, name)
+            module = wrap(pipe, spec)
             if torch_dtype != torch.float32:
                 module = copy.deepcopy(module).to(torch_dtype)  # the fp32 original stays for the parity check
-            export_component(module, spec, example_inputs(pipe, name, torch_dtype), staging)
+            export_component(module, spec, example_inputs(pipe, spec, torch_dtype), staging)
         pipe.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
         if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
             pipe.tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_DIR / "tokenizer.json"))
@@ -117,13 +113,8 @@ def _verify(reference: TorchEditPipeline, staging: Path, manifest: Manifest) -> 
 
 def _manifest(pipe, source: str, source_hash: str, dtype: str, edit_defaults: dict[str, float]) -> Manifest:  # noqa: ANN001
     unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
-    seq = pipe.tokenizer.model_max_length
-    dims = {
-        "unet_in_channels": unet.in_channels,
-        "latent_channels": vae.latent_channels,
-        "hidden": text.hidden_size,
-        "sequence": seq,
-    }
+    dims = model_dims(pipe)
+    side = {**TRT_SIDE, "opt": min(max(native_size(pipe), TRT_SIDE["min"]), TRT_SIDE["max"])}
     components = {
         name: {
             "file": spec.filename,
@@ -136,7 +127,7 @@ def _manifest(pipe, source: str, source_hash: str, dtype: str, edit_defaults: di
         source=source,
         source_hash=source_hash,
         dtype=dtype,
-        component_dtypes={name: "fp32" if name in FP32_ALWAYS else dtype for name in COMPONENTS},
+        component_dtypes={name: "fp32" if spec.always_fp32 else dtype for name, spec in COMPONENTS.items()},
         opset=OPSET,
         onnxruntime_version=onnxruntime.__version__,
         torch_version=torch.__version__,
@@ -145,40 +136,17 @@ def _manifest(pipe, source: str, source_hash: str, dtype: str, edit_defaults: di
         vae_scale_factor=pipe.vae_scale_factor,
         latent_scaling_factor=float(vae.scaling_factor),
         text_hidden_size=text.hidden_size,
-        max_text_length=seq,
+        max_text_length=dims["sequence"],
         pad_token_id=int(pipe.tokenizer.pad_token_id),
         scheduler_class=type(pipe.scheduler).__name__,
         components=components,
-        tensorrt_profiles=_trt_profiles(pipe, dims),
+        tensorrt_profiles={
+            name: spec.trt_profile(dims, pipe.vae_scale_factor, side) for name, spec in COMPONENTS.items()
+        },
         edit_defaults=edit_defaults,
         native_size=native_size(pipe),
     )
 
 
-def _tensor(spec, dims: dict[str, int]) -> dict:  # noqa: ANN001 (core.manifest.TensorSpec)
-    return {
-        "name": spec.name,
-        "dtype": spec.dtype,
-        "shape": [dims.get(d, d) if isinstance(d, str) else d for d in spec.shape],
-    }
-
-
-def _trt_profiles(pipe, dims: dict[str, int]) -> dict[str, dict[str, dict[str, list[int]]]]:  # noqa: ANN001
-    """Shape ranges TensorRT builds engines for: batch 1-12 (tiles x guidance), 64-1024 px tiles (opt: native)."""
-    vae_scale, seq, hidden = pipe.vae_scale_factor, dims["sequence"], dims["hidden"]
-    side = {**SIDE, "opt": min(max(native_size(pipe), SIDE["min"]), SIDE["max"])}
-    latent_channels, in_channels = dims["latent_channels"], dims["unet_in_channels"]
-
-    def bounds(make: Callable[[str], list[int]]) -> dict[str, list[int]]:
-        return {bound: make(bound) for bound in ("min", "opt", "max")}
-
-    return {
-        "text_encoder": {"input_ids": bounds(lambda b: [1 if b == "min" else 2, seq])},
-        "vae_encoder": {"sample": bounds(lambda b: [1, 3, side[b], side[b]])},
-        "unet": {
-            "sample": bounds(lambda b: [BATCH[b], in_channels, side[b] // vae_scale, side[b] // vae_scale]),
-            "timestep": bounds(lambda b: [BATCH[b]]),
-            "encoder_hidden_states": bounds(lambda b: [BATCH[b], seq, hidden]),
-        },
-        "vae_decoder": {"latent": bounds(lambda b: [1, latent_channels, side[b] // vae_scale, side[b] // vae_scale])},
-    }
+def _tensor(spec: TensorSpec, dims: dict[str, int]) -> dict[str, Any]:
+    return {"name": spec.name, "dtype": spec.dtype, "shape": spec.resolve(dims)}

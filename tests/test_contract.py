@@ -163,6 +163,21 @@ def test_every_component_declares_its_dynamic_axes():
     assert unet.inputs[0].dynamic_axes == {0: "batch", 1: "unet_in_channels", 2: "latent_height", 3: "latent_width"}
 
 
+def test_a_components_tensorrt_profile_is_its_declared_shapes_at_its_batch_and_side_bounds():
+    from core.manifest import TRT_SIDE
+
+    dims = {"unet_in_channels": 8, "latent_channels": 4, "hidden": 768, "sequence": 77}
+    unet = COMPONENTS["unet"].trt_profile(dims, vae_scale=8, side=TRT_SIDE)
+    assert unet["sample"] == {"min": [1, 8, 8, 8], "opt": [3, 8, 64, 64], "max": [12, 8, 128, 128]}
+    assert unet["timestep"] == {"min": [1], "opt": [3], "max": [12]}
+    assert unet["encoder_hidden_states"]["max"] == [12, 77, 768]
+    text = COMPONENTS["text_encoder"].trt_profile(dims, vae_scale=8, side=TRT_SIDE)
+    assert text == {"input_ids": {"min": [1, 77], "opt": [2, 77], "max": [2, 77]}}
+    decoder = COMPONENTS["vae_decoder"].trt_profile(dims, vae_scale=8, side={"min": 64, "opt": 256, "max": 512})
+    assert decoder["latent"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 32, 32], "max": [1, 4, 64, 64]}
+    assert [name for name, c in COMPONENTS.items() if not c.always_fp32] == ["unet"]
+
+
 def test_a_folder_without_a_manifest_is_not_an_artifact_folder(tmp_path):
     with pytest.raises(InvalidModel, match="not an itsd artifact folder"):
         Manifest.read(tmp_path)
