@@ -429,6 +429,23 @@ def test_training_a_tiny_model_on_a_learnable_dataset_lowers_the_loss(tiny_check
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-50"]  # checkpointing_steps=0: at the end
 
 
+def test_gradient_accumulation_holds_every_trained_module_out_of_the_sync(tiny_checkpoint, dataset, tmp_path):
+    """accelerate's no_sync takes one model; with the text encoder and task head trained there are three."""
+    from training.train import train
+
+    cfg = tiny_config(
+        tiny_checkpoint,
+        dataset,
+        tmp_path / "run",
+        max_train_steps=2,
+        gradient_accumulation_steps=2,
+        train_text_encoder=True,
+        text_task_loss_weight=0.1,
+    )
+    losses = train(cfg)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
 def test_input_error_weighting_trains_on_losses_relative_to_the_identity_edit(tiny_checkpoint, dataset, tmp_path):
     from training.train import train
 

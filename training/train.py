@@ -192,8 +192,9 @@ def train(cfg: TrainConfig) -> list[float]:
             )
             target = training_target(noise_scheduler, latents, noise, timesteps)
             last = micro == cfg.gradient_accumulation_steps - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(*trained.modules())
-            with sync:  # gradients are synchronised once per step, on its last micro-batch
+            with contextlib.ExitStack() as sync:  # gradients are synchronised once per step, on its last micro-batch
+                for model in [] if last else trained.modules():
+                    sync.enter_context(accelerator.no_sync(model))
                 pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text, return_dict=False)[0]
                 errors = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
                 loss = (errors * loss_weights).mean()
