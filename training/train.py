@@ -1,4 +1,4 @@
-"""Fine-tune InstructPix2Pix: `train(config)` is the whole loop, read top to bottom; helpers sit beside it.
+"""Fine-tune InstructPix2Pix: `train(config)` is the whole run, read top to bottom; its named steps sit below it.
 
 The model learns to predict the noise (or v) added to the *edited* image's latents, given the noisy latents
 concatenated with the *input* image's latents (8 UNet input channels) and the instruction's text embedding.
@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from core.params import read_edit_defaults
 from training.checkpoints import STATE_FILE, find_checkpoint, save_checkpoint, save_final, write_edit_defaults
 from training.config import ConfigError, TrainConfig, to_toml
-from training.models import Trained, load_models, parameters_of, task_head
+from training.models import Models, Trained, load_models, parameters_of, task_head
 from training.pairs import MixtureBatches, PairDataset, load_rows, row_weights, tokenize
 from training.validation import run_validation, validation_rows
 
@@ -40,110 +41,40 @@ log = logging.getLogger(__name__)
 
 def train(cfg: TrainConfig) -> list[float]:
     """Train as `cfg` says; returns the loss of each optimizer step this call ran (resumed runs: the rest)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.training_utils import EMAModel
-    from torch.utils.data import DataLoader
-
     if not cfg.pretrained:
         raise ConfigError("no pretrained checkpoint: set `pretrained` (or --pretrained)")
     if not cfg.dataset:
         raise ConfigError("no dataset: set `dataset` (or --dataset)")
     rows, held_out = load_rows(cfg)  # before loading models: a bad dataset fails in a second, not a minute
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
-    set_seed(cfg.seed)  # torch/numpy/python global RNGs; our own draws use step-keyed generators
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    device = accelerator.device
+    accelerator, weight_dtype = start_accelerator(cfg)
 
     # ---- models: frozen parts in the compute dtype; the trained ones (UNet, maybe text encoder) stay fp32
-
     models = load_models(Path(cfg.pretrained))
     edit_defaults = cfg.final_edit_defaults() or read_edit_defaults(Path(cfg.pretrained))  # bad ones fail now
-    tokenizer, text_encoder, vae, unet, noise_scheduler = (
-        models.tokenizer,
-        models.text_encoder,
-        models.vae,
-        models.unet,
-        models.noise_scheduler,
-    )
-    if cfg.min_timestep >= noise_scheduler.config.num_train_timesteps:
+    if cfg.min_timestep >= models.noise_scheduler.config.num_train_timesteps:
         raise ConfigError(
             f"min_timestep {cfg.min_timestep} leaves no timestep to train on: the scheduler has "
-            f"{noise_scheduler.config.num_train_timesteps}"
+            f"{models.noise_scheduler.config.num_train_timesteps}"
         )
-    pairs = PairDataset(rows, cfg, tokenizer)
-    trained = Trained(
-        unet,
-        text_encoder if cfg.train_text_encoder else None,
-        # trained with the rest, checkpointed with it, thrown away at the end
-        task_head(text_encoder, pairs.task_names) if cfg.text_task_loss_weight else None,
-    )
-    for frozen in [vae] if cfg.train_text_encoder else [vae, text_encoder]:
-        frozen.requires_grad_(False).eval().to(device)
-        if weight_dtype != torch.float32:
-            frozen.to(dtype=weight_dtype)
-    for model in trained.modules():
-        model.train().to(device)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    ema = None
-    if cfg.use_ema:  # made before prepare(), from the same (deterministic) weights on every process
-        ema = EMAModel(parameters_of(trained.modules()), decay=cfg.ema_decay)
-        ema.to(device)
+    pairs = PairDataset(rows, cfg, models.tokenizer)
+    trained = place_models(models, cfg, pairs.task_names, accelerator.device, weight_dtype)
+    ema = make_ema(trained, cfg, accelerator.device)
     optimizer = make_optimizer(parameters_of(trained.modules()), cfg)
 
     # ---- data: a weighted mixture over tasks, step-keyed so that resuming replays nothing and skips nothing
     weights = row_weights(pairs.tasks, cfg.task_weights)
     validation = []
     if cfg.validation_steps and accelerator.is_main_process:
-        validation = validation_rows(PairDataset(held_out, cfg, tokenizer), cfg.num_validation_rows)
-
+        validation = validation_rows(PairDataset(held_out, cfg, models.tokenizer), cfg.num_validation_rows)
     *prepared, optimizer = accelerator.prepare(*trained.modules(), optimizer)
     trained = trained.replaced(prepared)
-    unet, text_encoder, head = trained.unet, trained.text_encoder or text_encoder, trained.head
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-
-    start_step = 0
-    checkpoint = find_checkpoint(output_dir, cfg.resume)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if ema is not None:
-            ema.to(device)  # load_state maps the EMA's tensors to the CPU
-        start_step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
-        log.info("resumed from %s at step %d", checkpoint, start_step)
-
-    batches = iter(
-        DataLoader(
-            pairs,
-            batch_sampler=MixtureBatches(
-                weights,
-                cfg.train_batch_size,
-                cfg.seed,
-                accelerator.process_index,
-                start_step,
-                cfg.max_train_steps,
-                cfg.gradient_accumulation_steps,
-            ),
-            collate_fn=pairs.collate,
-            num_workers=cfg.dataloader_num_workers,
-        )
-    )
-    null_ids = tokenize(tokenizer, [""]).to(device)  # the empty prompt's embedding replaces dropped instructions
-    with torch.no_grad():
-        null_text = text_encoder(null_ids, return_dict=False)[0]
-
-    writer = None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.toml").write_text(to_toml(cfg))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output_dir / "logs"))
+    start_step = resume(accelerator, ema, output_dir, cfg.resume)
+    batches = mixture_batches(pairs, weights, cfg, accelerator.process_index, start_step)
+    objective = Objective(cfg, accelerator, models, trained, weight_dtype)
+    writer = open_writer(accelerator, output_dir, cfg)
     log.info(
         "training %d steps from step %d: %d rows, tasks %s, %s precision on %s",
         cfg.max_train_steps,
@@ -151,7 +82,7 @@ def train(cfg: TrainConfig) -> list[float]:
         len(pairs),
         dict(Counter(pairs.tasks)),
         accelerator.mixed_precision,
-        device,
+        accelerator.device,
     )
 
     # ---- the loop
@@ -168,43 +99,12 @@ def train(cfg: TrainConfig) -> list[float]:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_task_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+        step_loss = step_task_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
-            latents, image_latents, text = encode_batch(batch, vae, text_encoder, gen, weight_dtype)
-            loss_weights = sample_weights(
-                cfg.loss_weighting,
-                latents,
-                image_latents * vae.config.scaling_factor,
-                cfg.input_error_floor,
-                cfg.input_error_ceiling,
-            )
-            if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
-                null_text = text_encoder(null_ids, return_dict=False)[0]
-            task_logits = head(text.mean(1)) if head is not None else None
-            noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-            timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg, gen)
-            timesteps = timesteps.to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            text, image_latents = conditioning_dropout(
-                text, image_latents, null_text, cfg.conditioning_dropout_prob, gen
-            )
-            target = training_target(noise_scheduler, latents, noise, timesteps)
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with contextlib.ExitStack() as sync:  # gradients are synchronised once per step, on its last micro-batch
-                for model in [] if last else trained.modules():
-                    sync.enter_context(accelerator.no_sync(model))
-                pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text, return_dict=False)[0]
-                errors = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
-                loss = (errors * loss_weights).mean()
-                total = loss
-                if task_logits is not None:
-                    task_loss = F.cross_entropy(task_logits.float(), batch["task"].to(device))
-                    total = loss + cfg.text_task_loss_weight * task_loss
-                    step_task_loss += task_loss.detach() / cfg.gradient_accumulation_steps
-                accelerator.backward(total / cfg.gradient_accumulation_steps)
-            step_loss += loss.detach() / cfg.gradient_accumulation_steps
+            loss, task_loss = objective(next(batches), gen, sync=micro == cfg.gradient_accumulation_steps - 1)
+            step_loss = step_loss + loss / cfg.gradient_accumulation_steps
+            step_task_loss = step_task_loss + task_loss / cfg.gradient_accumulation_steps
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(parameters_of(trained.modules()), cfg.max_grad_norm)
         optimizer.step()
@@ -227,10 +127,10 @@ def train(cfg: TrainConfig) -> list[float]:
             with ema_weights(ema, parameters_of(trained.modules())):
                 if accelerator.is_main_process:
                     run_validation(
-                        accelerator.unwrap_model(unet),
+                        accelerator.unwrap_model(trained.unet),
                         models,
-                        vae,
-                        accelerator.unwrap_model(text_encoder),
+                        models.vae,
+                        accelerator.unwrap_model(objective.text_encoder),
                         validation,
                         cfg,
                         global_step,
@@ -240,27 +140,178 @@ def train(cfg: TrainConfig) -> list[float]:
 
     if losses and (not cfg.checkpointing_steps or cfg.max_train_steps % cfg.checkpointing_steps):
         save_checkpoint(accelerator, output_dir, cfg.max_train_steps, cfg.checkpoints_total_limit)  # to extend later
-
-    # ---- the product: a diffusers IP2P checkpoint (EMA weights when EMA is on) for `itsd export`
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        finals = trained.replaced([accelerator.unwrap_model(model) for model in trained.modules()])
-        if ema is not None:
-            ema.copy_to(parameters_of(finals.modules()))
-        final = save_final(
-            finals.unet,
-            Path(cfg.pretrained),
-            output_dir / "final",
-            finals.text_encoder,
-            native_size=cfg.native_size or cfg.resolution,
-        )
-        write_edit_defaults(final, edit_defaults)
-        if writer is not None:
-            writer.close()
-        log.info("saved %s", output_dir / "final")
+    save_product(accelerator, trained, ema, cfg, edit_defaults)
+    if writer is not None:
+        writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return losses
+
+
+def start_accelerator(cfg: TrainConfig) -> tuple[Any, torch.dtype]:
+    """The Accelerator with the config's mixed precision, the global RNGs seeded; and the frozen parts' dtype."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    set_seed(cfg.seed)  # torch/numpy/python global RNGs; our own draws use step-keyed generators
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator, weight_dtype
+
+
+def place_models(
+    models: Models, cfg: TrainConfig, task_names: Sequence[str], device: torch.device, weight_dtype: torch.dtype
+) -> Trained:
+    """What is trained (with a new task head when `text_task_loss_weight`), in train mode on `device`; the frozen
+    parts in eval mode, on `device`, in the compute dtype."""
+    trained = Trained(
+        models.unet,
+        models.text_encoder if cfg.train_text_encoder else None,
+        # trained with the rest, checkpointed with it, thrown away at the end
+        task_head(models.text_encoder, task_names) if cfg.text_task_loss_weight else None,
+    )
+    for frozen in [models.vae] if cfg.train_text_encoder else [models.vae, models.text_encoder]:
+        frozen.requires_grad_(False).eval().to(device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
+    for model in trained.modules():
+        model.train().to(device)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    return trained
+
+
+def make_ema(trained: Trained, cfg: TrainConfig, device: torch.device) -> Any | None:
+    """The EMA of the trained weights when `use_ema`: made before prepare(), from the same (deterministic) weights
+    on every process."""
+    if not cfg.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(parameters_of(trained.modules()), decay=cfg.ema_decay)
+    ema.to(device)
+    return ema
+
+
+def resume(accelerator: Any, ema: Any | None, output_dir: Path, which: str) -> int:
+    """Load the checkpoint `which` names (training.checkpoints.find_checkpoint) into every prepared object;
+    the step to go on from, 0 when there is none."""
+    checkpoint = find_checkpoint(output_dir, which)
+    if checkpoint is None:
+        return 0
+    accelerator.load_state(str(checkpoint))
+    if ema is not None:
+        ema.to(accelerator.device)  # load_state maps the EMA's tensors to the CPU
+    step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+    log.info("resumed from %s at step %d", checkpoint, step)
+    return step
+
+
+def mixture_batches(
+    pairs: PairDataset, weights: Sequence[float], cfg: TrainConfig, rank: int, start_step: int
+) -> Iterator[dict]:
+    """The micro-batches of steps `start_step`.. on process `rank`, drawn by task weight."""
+    from torch.utils.data import DataLoader
+
+    sampler = MixtureBatches(
+        weights,
+        cfg.train_batch_size,
+        cfg.seed,
+        rank,
+        start_step,
+        cfg.max_train_steps,
+        cfg.gradient_accumulation_steps,
+    )
+    loader = DataLoader(pairs, batch_sampler=sampler, collate_fn=pairs.collate, num_workers=cfg.dataloader_num_workers)
+    return iter(loader)
+
+
+def open_writer(accelerator: Any, output_dir: Path, cfg: TrainConfig) -> Any | None:
+    """On the main process: OUTPUT_DIR with the resolved config.toml, and a TensorBoard writer into logs/."""
+    if not accelerator.is_main_process:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.toml").write_text(to_toml(cfg))
+    return SummaryWriter(str(output_dir / "logs"))
+
+
+class Objective:
+    """The loss of one micro-batch, with its backward pass: the diffusion loss of the edited image's latents
+    given the input's, weighted per sample, plus the task head's cross entropy when it is trained."""
+
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Any, models: Models, trained: Trained, weight_dtype: torch.dtype
+    ) -> None:
+        self.cfg, self.accelerator, self.trained, self.weight_dtype = cfg, accelerator, trained, weight_dtype
+        self.vae, self.noise_scheduler = models.vae, models.noise_scheduler
+        self.text_encoder = trained.text_encoder or models.text_encoder
+        # the empty prompt's embedding replaces dropped instructions
+        self.null_ids = tokenize(models.tokenizer, [""]).to(accelerator.device)
+        with torch.no_grad():
+            self.null_text = self.text_encoder(self.null_ids, return_dict=False)[0]
+
+    def __call__(self, batch: dict, gen: torch.Generator, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(diffusion loss, task loss, or 0), detached; `sync`: the step's last micro-batch, whose backward
+        synchronises the gradients across processes."""
+        cfg, device, unet, head = self.cfg, self.accelerator.device, self.trained.unet, self.trained.head
+        latents, image_latents, text = encode_batch(batch, self.vae, self.text_encoder, gen, self.weight_dtype)
+        loss_weights = sample_weights(
+            cfg.loss_weighting,
+            latents,
+            image_latents * self.vae.config.scaling_factor,
+            cfg.input_error_floor,
+            cfg.input_error_ceiling,
+        )
+        if cfg.train_text_encoder:  # a trained encoder moves the empty prompt's embedding too
+            self.null_text = self.text_encoder(self.null_ids, return_dict=False)[0]
+        task_logits = head(text.mean(1)) if head is not None else None
+        noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+        timesteps = draw_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, cfg, gen)
+        timesteps = timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        text, image_latents = conditioning_dropout(
+            text, image_latents, self.null_text, cfg.conditioning_dropout_prob, gen
+        )
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        task_loss = torch.zeros((), device=device)
+        with contextlib.ExitStack() as no_sync:
+            for model in [] if sync else self.trained.modules():
+                no_sync.enter_context(self.accelerator.no_sync(model))
+            pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text, return_dict=False)[0]
+            errors = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+            loss = total = (errors * loss_weights).mean()
+            if task_logits is not None:
+                task_loss = F.cross_entropy(task_logits.float(), batch["task"].to(device))
+                total = loss + cfg.text_task_loss_weight * task_loss
+            self.accelerator.backward(total / cfg.gradient_accumulation_steps)
+        return loss.detach(), task_loss.detach()
+
+
+def save_product(
+    accelerator: Any, trained: Trained, ema: Any | None, cfg: TrainConfig, edit_defaults: dict[str, float]
+) -> None:
+    """OUTPUT_DIR/final: a diffusers IP2P checkpoint (EMA weights when EMA is on) for `itsd export`."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    finals = trained.replaced([accelerator.unwrap_model(model) for model in trained.modules()])
+    if ema is not None:
+        ema.copy_to(parameters_of(finals.modules()))
+    output_dir = Path(cfg.output_dir)
+    final = save_final(
+        finals.unet,
+        Path(cfg.pretrained),
+        output_dir / "final",
+        finals.text_encoder,
+        native_size=cfg.native_size or cfg.resolution,
+    )
+    write_edit_defaults(final, edit_defaults)
+    log.info("saved %s", output_dir / "final")
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
