@@ -27,7 +27,7 @@ from core.records import Keys, forget_results, record_result, status_counts
 from core.redis_url import check_connection, redis_client
 from core.settings import Settings
 from core.storage import join_uri, read_uri, uri_exists
-from producer.sources import Rejected, Source
+from producer.sources import BatchInput, Rejected
 
 READERS = 16  # inputs hashed in parallel (I/O bound: local disks and object stores alike)
 
@@ -71,7 +71,7 @@ def _failure_id(where: str) -> str:
 
 
 def _job_for(
-    source: Source, destination: str, model: str, model_id: str, inline: int, overwrite: bool, max_bytes: int
+    source: BatchInput, destination: str, model: str, model_id: str, inline: int, overwrite: bool, max_bytes: int
 ) -> Job:
     """Read and hash one input (at most `max_bytes`); `inline` > 0 carries the bytes in the job (at most that many)."""
     data = read_uri(source.uri, max_bytes)
@@ -96,7 +96,7 @@ def _job_for(
 
 def submit_batch(
     broker: Broker,
-    sources: list[Source],
+    sources: list[BatchInput],
     rejected: list[Rejected],
     destination: str,
     model: str,
@@ -123,7 +123,7 @@ def submit_batch(
 
 def read_jobs(
     broker: Broker,
-    sources: list[Source],
+    sources: list[BatchInput],
     rejected: list[Rejected],
     destination: str,
     model: str,

@@ -34,7 +34,7 @@ from core.settings import Settings
 from producer.batch import Broker, per_worker, results, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered
 from producer.sheet import write_contact_sheet
-from producer.sources import Source, collect_sources
+from producer.sources import BatchInput, collect_sources
 from producer.submit import describe, echo_failures, wait_for
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "itsd-tiny"
@@ -64,7 +64,7 @@ def artifacts_for(model: str, settings: Settings, report: Callable[[str], None])
     return cached
 
 
-def local_roots(sources: list[Source], out: Path) -> dict[str, str]:
+def local_roots(sources: list[BatchInput], out: Path) -> dict[str, str]:
     """The roots the local workers need: the folders of this batch's local inputs, and OUT."""
     folders = sorted({Path(s.uri).parent.resolve() for s in sources if "://" not in s.uri})
     top = [f for f in folders if not any(f != other and f.is_relative_to(other) for other in folders)]

@@ -1,4 +1,5 @@
-"""What a batch is made of: one `Source` per image, from files, folders, globs, URLs or manifests.
+"""What a batch is made of: one `BatchInput` (an image, its instruction, parameters and output key) per image,
+from files, folders, globs, URLs or manifests.
 
 A manifest is a `.csv` or `.jsonl` file whose rows name an `input` (a path relative to the manifest, or
 a URL) and may set `instruction`, `output` (the key under the destination) and any edit parameter
@@ -34,7 +35,7 @@ PARAM_PARSERS = {
 
 
 @dataclass(frozen=True)
-class Source:
+class BatchInput:
     uri: str  # local path or URL
     relative: PurePosixPath  # the output key under the destination
     instruction: str
@@ -97,7 +98,7 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | InvalidPa
                 yield number, row if isinstance(row, dict) else InvalidParameters("a row must be a JSON object")
 
 
-def _from_manifest(path: Path, instruction: str, params: EditParams) -> tuple[list[Source], list[Rejected]]:
+def _from_manifest(path: Path, instruction: str, params: EditParams) -> tuple[list[BatchInput], list[Rejected]]:
     sources, rejected = [], []
     for number, row in _manifest_rows(path):
         where = f"{path}:{number}"
@@ -115,15 +116,15 @@ def _from_manifest(path: Path, instruction: str, params: EditParams) -> tuple[li
             if not text:
                 raise InvalidParameters("empty instruction")
             output = row.get("output") or (value.split("://", 1)[-1] if "://" in value else value)
-            sources.append(Source(uri, safe_relative(output), text, _row_params(row, params)))
+            sources.append(BatchInput(uri, safe_relative(output), text, _row_params(row, params)))
         except ItsdError as exc:
             rejected.append(Rejected(where, exc))
     return sources, rejected
 
 
-def collect_sources(inputs: list[str], instruction: str, params: EditParams) -> tuple[list[Source], list[Rejected]]:
+def collect_sources(inputs: list[str], instruction: str, params: EditParams) -> tuple[list[BatchInput], list[Rejected]]:
     """Every image the inputs name, each with its output key; two sources writing one key are refused."""
-    sources: list[Source] = []
+    sources: list[BatchInput] = []
     rejected: list[Rejected] = []
     plain: list[str] = []
     for value in inputs:
@@ -132,12 +133,12 @@ def collect_sources(inputs: list[str], instruction: str, params: EditParams) -> 
             sources += found
             rejected += bad
         elif _is_url(value):
-            sources += [Source(uri, rel, instruction, params) for uri, rel in _remote_files(value)]
+            sources += [BatchInput(uri, rel, instruction, params) for uri, rel in _remote_files(value)]
         else:
             plain.append(value)
     if plain:
         # absolute: a worker runs in a folder of its own, and would read a relative path there
-        sources += [Source(str(item.path.absolute()), item.relative, instruction, params) for item in expand(plain)]
+        sources += [BatchInput(str(item.path.absolute()), item.relative, instruction, params) for item in expand(plain)]
     keys: dict[PurePosixPath, str] = {}
     for source in sources:
         other = keys.setdefault(source.relative, source.uri)

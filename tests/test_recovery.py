@@ -16,7 +16,7 @@ from core.settings import Settings
 from producer.batch import Broker, submit_batch
 from producer.local import RedisServer
 from producer.recovery import UNACKED, lost_jobs, requeue_lost
-from producer.sources import Source
+from producer.sources import BatchInput
 
 QUEUE = queue_for("m")
 
@@ -39,7 +39,7 @@ def batch(broker, tmp_path, count: int = 3, inline: bool = False) -> tuple[str, 
     found = []
     for i in range(count):
         photo(32, 32, seed=i).save(tmp_path / f"{i}.png")
-        found.append(Source(str(tmp_path / f"{i}.png"), PurePosixPath(f"{i}.png"), "x", EditParams(steps=1)))
+        found.append(BatchInput(str(tmp_path / f"{i}.png"), PurePosixPath(f"{i}.png"), "x", EditParams(steps=1)))
     submission = submit_batch(broker, found, [], str(tmp_path / "out"), "m", inline=inline)
     ids = sorted(k.decode() for k in broker.client.hkeys(Keys(submission.batch_id).jobs))
     return submission.batch_id, ids
