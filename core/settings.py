@@ -12,6 +12,8 @@ from core.images import DEFAULT_MAX_PIXELS
 from core.storage import DEFAULT_MAX_INPUT_BYTES
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+RUNTIMES = ("auto", "onnxruntime", "openvino")  # ITSD_RUNTIME; worker.runtimes decides auto
+PRECISIONS = ("auto", "fp32", "bf16")  # ITSD_PRECISION
 
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
@@ -62,7 +64,8 @@ class Settings:
     access: Access = field(default_factory=Access)
     tile_batch: int = 1  # ITSD_TILE_BATCH: tiles per UNet call (each with its guidance copies); more helps GPUs
     batch_jobs: int = 1  # ITSD_BATCH_JOBS: jobs a worker runs at once with their UNet calls batched (worker.batching)
-    # ITSD_RUNTIME and ITSD_PRECISION are read by --runtime and --precision (core.options.runtime_options)
+    # ITSD_RUNTIME and ITSD_PRECISION (RUNTIMES, PRECISIONS) are read by --runtime and --precision
+    # (producer.options.runtime_options)
     bf16_min_psnr: float = 35.0  # ITSD_BF16_MIN_PSNR: dB a bf16 probe edit must keep against fp32
     warm_up_timeout: float = 900.0  # ITSD_WARM_UP_TIMEOUT: seconds a model may take to load and run one edit
     # ITSD_CELERY_EVENTS=1: Celery's task events, for Flower (off by default: a few Redis writes per job)

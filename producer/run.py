@@ -26,13 +26,13 @@ from core.errors import InvalidModel
 from core.inputs import InputFile, check_destination
 from core.job import Job, Result
 from core.manifest import Manifest, checkpoint_hash
-from core.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
 from core.params import EditParams
 from core.records import Keys
 from core.redis_url import check_broker_url
 from core.settings import Settings
 from producer.batch import Broker, per_worker, results, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered
+from producer.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
 from producer.sheet import write_contact_sheet
 from producer.sources import BatchInput, collect_sources
 from producer.submit import describe, echo_failures, wait_for
@@ -185,27 +185,10 @@ def run(
         manifest = Manifest.read(artifacts)
         name = f"run-{manifest.model_id}"
         with ExitStack() as stack, stop_on_sigterm():
-            logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="itsd-run-")))
             url = check_broker_url(broker) if broker else stack.enter_context(RedisServer()).url
             connection = Broker(url, settings)
-            local = [
-                LocalWorker(
-                    url,
-                    {name: str(artifacts)},
-                    f"local{i}",
-                    logs / f"worker{i}.log",
-                    extra_env={
-                        "ITSD_TILE_BATCH": str(tile_batch),
-                        "ITSD_RUNTIME": runtime,
-                        "ITSD_PRECISION": precision,
-                        **local_roots(sources, out),
-                    },
-                )
-                for i in range(workers)
-            ]
-            for worker in local:
-                stack.callback(worker.stop)
-                worker.start()
+            env = {"ITSD_TILE_BATCH": str(tile_batch), "ITSD_RUNTIME": runtime, "ITSD_PRECISION": precision}
+            local = start_workers(stack, url, {name: str(artifacts)}, workers, {**env, **local_roots(sources, out)})
             say(f"started {workers} worker(s) for {model} ({manifest.model_id}); waiting for them to register it")
             wait_registered(connection.client, [name], local)
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
@@ -225,14 +208,32 @@ def run(
                 "images_per_s": round(counts["done"] / seconds, 3),
                 "counts": counts,
             }
-            summary = summarise(connection, submission.batch_id, out, info)
-            click.echo(f"{describe(counts, submission.total)} in {seconds:.1f} s; outputs in {out}")
-            if summary["contact_sheet"]:
-                click.echo(f"contact sheet: {summary['contact_sheet']}")
-            if counts["failed"]:
-                echo_failures(connection, submission.batch_id)
+            report_run(connection, submission.batch_id, out, info)
     except KeyboardInterrupt:
         click.echo("interrupted: workers and Redis stopped; run the same command again to resume", err=True)
         sys.exit(130)
     if counts["failed"]:
         sys.exit(1)
+
+
+def start_workers(
+    stack: ExitStack, url: str, models: dict[str, str], count: int, env: dict[str, str]
+) -> list[LocalWorker]:
+    """`count` local worker processes serving `models`, logging into a scratch folder; `stack` stops them."""
+    logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="itsd-run-")))
+    local = [LocalWorker(url, models, f"local{i}", logs / f"worker{i}.log", extra_env=env) for i in range(count)]
+    for worker in local:
+        stack.callback(worker.stop)
+        worker.start()
+    return local
+
+
+def report_run(connection: Broker, batch_id: str, out: Path, info: dict[str, Any]) -> None:
+    """Write the run's summary and contact sheet into OUT; say where, and name the failures."""
+    summary = summarise(connection, batch_id, out, info)
+    counts = info["counts"]
+    click.echo(f"{describe(counts, info['total'])} in {info['seconds']:.1f} s; outputs in {out}")
+    if summary["contact_sheet"]:
+        click.echo(f"contact sheet: {summary['contact_sheet']}")
+    if counts["failed"]:
+        echo_failures(connection, batch_id)

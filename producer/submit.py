@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from core.inputs import safe_relative
 from core.job import Job
-from core.options import broker_url_option, edit_options
 from core.params import EditParams
 from core.records import Keys
 from core.redis_url import check_broker_url, redact
 from core.settings import Settings
 from core.storage import write_atomic
 from producer.batch import Broker, Submission, batch_record, cancel_batch, progress, results, submit_batch
+from producer.options import broker_url_option, edit_options
 from producer.recovery import requeue_lost
 from producer.sources import collect_sources
 

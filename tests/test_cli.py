@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -42,6 +43,23 @@ def test_the_worker_pipeline_and_edit_command_load_without_torch_or_diffusers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
+
+
+def test_the_contract_in_core_imports_no_click():
+    """core is what every part shares; command-line options live with the commands (producer.options)."""
+    code = (
+        "import sys, json, pkgutil, importlib, core\n"
+        "for m in pkgutil.iter_modules(core.__path__):\n    importlib.import_module('core.' + m.name)\n"
+        "print(json.dumps('click' in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) is False
+
+
+def test_the_cli_reference_page_is_what_the_commands_print():
+    script = Path(__file__).parents[1] / "scripts" / "cli_reference.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_an_unknown_command_is_a_usage_error():

@@ -1,0 +1,1 @@
+"""Training: instruction-prompted datasets (prepare), fine-tuning InstructPix2Pix (train), evaluation."""

@@ -13,8 +13,8 @@ import click
 from core.backends import BACKENDS, detect, load_backend
 from core.edit import Backend
 from core.errors import ItsdError
-from core.options import edit_options
 from core.params import EditParams
+from producer.options import edit_options
 from training.dataset import TASK_COLUMN, Schema
 from training.evaluate import EvaluationError, detect_schema, load_split, write_report
 from training.evaluate import evaluate as run_evaluation

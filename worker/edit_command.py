@@ -14,10 +14,10 @@ from core.edit import Backend, Tiling, edit_image
 from core.errors import ItsdError
 from core.images import encode_image, read_image_file
 from core.inputs import check_destination, expand
-from core.options import edit_options, runtime_options, tile_batch_option
 from core.params import EditParams
 from core.settings import Settings
 from core.storage import write_atomic
+from producer.options import edit_options, runtime_options, tile_batch_option
 
 
 class TileProgress:

@@ -25,9 +25,8 @@ from PIL import Image
 from core.edit import Backend, Tiling, edit_image
 from core.errors import InvalidParameters
 from core.images import psnr
-from core.options import PRECISIONS, RUNTIMES
 from core.params import EditParams
-from core.settings import Settings
+from core.settings import PRECISIONS, RUNTIMES, Settings
 from core.storage import write_atomic
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from core.access import parse_roots
 from core.edit import Backend, Tiling
 from core.errors import BrokerAuthError, BrokerUnreachable, WarmUpFailed
 from core.manifest import Manifest
-from core.options import broker_url_option, runtime_options, tile_batch_option
 from core.queue import queue_for
 from core.redis_url import check_broker_url, check_connection, redact
 from core.settings import Settings
+from producer.options import broker_url_option, runtime_options, tile_batch_option
 from worker.jobs import ModelSpec
 from worker.registry import WorkerRecord, register
 from worker.runtimes import check_choice

@@ -26,8 +26,8 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.options import edit_options
 from core.params import EditParams
+from producer.options import edit_options
 from training.evaluate import GRID_HEADER, GRID_TILE
 from training.templates import load_templates
 

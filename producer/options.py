@@ -1,4 +1,6 @@
-"""The options `edit`, `submit`, `run` and `worker` share, each defined once as a click decorator."""
+"""The options `edit`, `submit`, `run`, `worker` and `evaluate` share, each defined once as a click decorator.
+
+They live with the root group (producer.cli), which every install has; `core` stays free of click."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import click
 
 from core.errors import InvalidParameters
 from core.params import LATENT_MULTIPLE, MAX_SIDE, PROJECT_DEFAULTS, SCHEDULERS, EditParams
+from core.settings import PRECISIONS, RUNTIMES
 
 
 def _model_default(name: str) -> str:
@@ -86,10 +89,6 @@ tile_batch_option = click.option(
     show_default=True,
     help="Tiles per UNet call, each with its guidance copies: more feeds a GPU better. [env: ITSD_TILE_BATCH]",
 )
-
-
-RUNTIMES = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _env_choice(name: str, choices: tuple[str, ...], help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
