@@ -52,7 +52,7 @@ class FixedCost(StandInModel):
 def serve_stand_in(argv: list[str]) -> None:
     """Worker process entry: `fleet.py --serve --cost S --concurrency 1 --hostname NAME [--loglevel L]`."""
     from worker.jobs import ModelSpec
-    from worker.worker_command import serve
+    from worker.serving import serve
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", action="store_true")

@@ -98,3 +98,14 @@ def test_a_broker_password_on_the_command_line_is_refused_and_the_env_is_named(c
     result = CliRunner().invoke(itsd, [*command, "--broker", "redis://:hunter2@127.0.0.1:1/0"])
     assert result.exit_code == 2 and f"put the URL in {envvar} instead" in result.output
     assert "hunter2" not in result.output
+
+
+def test_a_device_is_auto_cpu_or_cuda_n_and_anything_else_names_the_option():
+    from core.errors import InvalidParameters
+    from worker.serving import parse_device
+
+    assert parse_device("auto") == (None, 0)
+    assert parse_device("cpu") == (("CPUExecutionProvider",), 0)
+    assert parse_device("cuda:1")[1] == 1 and parse_device("cuda")[1] == 0
+    with pytest.raises(InvalidParameters, match="--device 'gpu': use auto, cpu or cuda:N"):
+        parse_device("gpu")
