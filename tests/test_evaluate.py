@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,23 @@ def test_task_filter_with_an_instruction_checks_one_phrasing_on_one_task(dataset
 def test_a_task_the_split_lacks_exits_non_zero_naming_the_tasks_it_has(dataset: Path, tiny_artifacts: Path, tmp_path):
     result = run(dataset, "--model", tiny_artifacts, "--task", "sharpen", "--out", tmp_path, "--quiet")
     assert result.exit_code != 0 and "sharpen" in result.output and "derain" in result.output
+
+
+def test_evaluate_models_is_the_library_behind_the_command(dataset: Path, tiny_artifacts: Path, tmp_path: Path):
+    from core.params import EditParams
+    from training.evaluate import EvaluationError, EvaluationSpec, evaluate_models
+
+    text = "please remove the rain streaks from this picture"
+    args = ["--task", "derain", "--instruction", text, "--steps", 1, "--seed", 5, "--quiet"]
+    assert run(dataset, "--model", f"onnx={tiny_artifacts}", *args, "--out", tmp_path / "command").exit_code == 0
+    spec = EvaluationSpec(
+        dataset, {"onnx": str(tiny_artifacts)}, EditParams(steps=1, seed=5), tasks=("derain",), instruction=text
+    )
+    notes: list[str] = []
+    report = evaluate_models(spec, tmp_path / "library", progress=False, report=notes.append)
+    assert report == json.loads((tmp_path / "command" / "metrics.json").read_text())
+    assert notes == ["CLIP similarity skipped: no --clip-model given"]
+    with pytest.raises(EvaluationError, match=r"no rows of task\(s\) sharpen"):
+        evaluate_models(replace(spec, tasks=("sharpen",)), tmp_path / "bad", progress=False)
+    with pytest.raises(EvaluationError, match="--model broken="):
+        evaluate_models(replace(spec, models={"broken": str(tmp_path)}), tmp_path / "bad", progress=False)

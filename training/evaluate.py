@@ -10,9 +10,10 @@ exported artifact folder and a training checkpoint are measured by the same code
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,20 +22,41 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
+from core.backends import detect, load_backend
 from core.edit import Backend, edit_image
+from core.errors import InvalidParameters, ItsdError
 from core.params import EditParams
 from training.dataset import SCHEMAS, TASK_COLUMN, Schema, as_pil
-from training.metrics import ClipScorer, psnr, ssim
+from training.metrics import ClipScorer, ClipUnavailable, load_clip, psnr, ssim
 
 TEACHER_TASKS = frozenset({"cartoonization"})  # targets a teacher made: figures are distances to its output
 REFERENCE = {True: "teacher output", False: "ground truth"}
 GRID_TILE = 256  # side of one grid cell in px; every image is fitted into it, aspect kept
 GRID_HEADER = 20  # px of column names above the grid
 EVAL_SEED = 0  # a seed when none is given, so evaluations are reproducible
+log = logging.getLogger(__name__)
 
 
-class EvaluationError(ValueError):
-    """A dataset, split or column that cannot be evaluated; the message says what to do."""
+class EvaluationError(InvalidParameters):
+    """A dataset, split, column or model that cannot be evaluated; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What `itsd evaluate` measures: `models` (name -> artifact folder or diffusers checkpoint) on one split of
+    `dataset` (a save_to_disk folder), editing with `params`. Defaults are the command's."""
+
+    dataset: Path
+    models: dict[str, str]
+    params: EditParams = field(default_factory=EditParams)
+    split: str = "test"
+    limit: int | None = None  # the first N rows (after `tasks`)
+    tasks: tuple[str, ...] = ()  # only rows of these tasks
+    instruction: str | None = None  # instead of each row's own
+    clip_model: Path | None = None  # a local transformers CLIP folder; without it, CLIP figures are skipped
+    grid_rows: int = 8  # examples per task in the grids
+    backend: str | None = None  # None: onnx for an artifact folder, torch for a checkpoint
+    columns: Schema | None = None  # column names that override the detected schema's (empty ones do not)
 
 
 @dataclass
@@ -216,3 +238,80 @@ def write_report(out: Path, report: dict[str, Any], grids: dict[str, list[list[I
         make_grid(rows, names).save(path)
         paths.append(path)
     return paths
+
+
+def evaluate_models(
+    spec: EvaluationSpec, out: Path, *, progress: bool = True, report: Callable[[str], None] = log.warning
+) -> dict[str, Any]:
+    """Measure the spec's models and write OUT/metrics.json, OUT/metrics.md and OUT/grids/<task>.png; returns
+    the report (as in metrics.json). A dataset, split, task or model that cannot be evaluated is an
+    EvaluationError before any edit runs."""
+    rows, split = load_split(spec.dataset, spec.split)
+    schema = detect_schema(rows.column_names, spec.columns)
+    if spec.tasks:
+        rows = select_tasks(rows, spec.tasks)
+    if spec.limit:
+        rows = rows.select(range(min(spec.limit, len(rows))))
+    if len(rows) == 0:
+        raise EvaluationError(f"split {split!r} of {spec.dataset} has no rows")
+    backends = load_backends(spec.models, spec.backend)
+    clip, clip_note = clip_or_reason(spec.clip_model)
+    if clip is None:
+        report(f"CLIP similarity {clip_note}")
+    figures, grids = evaluate(
+        rows,
+        schema,
+        backends,
+        spec.params,
+        instruction=spec.instruction,
+        clip=clip,
+        grid_rows=spec.grid_rows,
+        quiet=not progress,
+    )
+    result = {
+        "dataset": str(spec.dataset),
+        "split": split,
+        "rows": len(rows),
+        "columns": {
+            "input": schema.input_column,
+            "instruction": schema.instruction_column,
+            "target": schema.target_column,
+        },
+        "models": {name: {"path": path, "backend": spec.backend or detect(path)} for name, path in spec.models.items()},
+        "clip": clip_note,
+    } | {key: value for key, value in figures.items() if key != "models"}
+    write_report(out, result, grids)
+    return result
+
+
+def select_tasks(rows: Any, tasks: tuple[str, ...]) -> Any:
+    """The rows whose task column names one of `tasks`; a task the split lacks is a one-line error."""
+    if TASK_COLUMN not in rows.column_names:
+        raise EvaluationError(f"--task needs a '{TASK_COLUMN}' column; the dataset has none")
+    present = set(rows[TASK_COLUMN])
+    missing = sorted(set(tasks) - present)
+    if missing:
+        have = ", ".join(sorted(present))
+        raise EvaluationError(f"no rows of task(s) {', '.join(missing)}; the split has {have}")
+    wanted = set(tasks)
+    return rows.select([i for i, task in enumerate(rows[TASK_COLUMN]) if task in wanted])
+
+
+def load_backends(models: dict[str, str], backend: str | None) -> dict[str, Backend]:
+    """Every model loaded; one that cannot be is an EvaluationError naming it."""
+    loaded = {}
+    for name, path in models.items():
+        try:
+            loaded[name] = load_backend(path, backend)
+        except (ItsdError, OSError, ValueError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EvaluationError(f"--model {name}={path}: {reason}") from None
+    return loaded
+
+
+def clip_or_reason(path: Path | None) -> tuple[ClipScorer | None, str]:
+    """The CLIP scorer and its folder, or None and why CLIP figures are skipped."""
+    try:
+        return load_clip(path), str(path)
+    except ClipUnavailable as exc:
+        return None, f"skipped: {exc}"

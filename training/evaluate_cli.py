@@ -1,24 +1,21 @@
-"""`itsd evaluate`: measure models on a test split against the identity baseline, with comparison grids.
+"""`itsd evaluate`: the command over `training.evaluate.evaluate_models` (models on a test split, with grids).
 
 itsd evaluate data/cartoon --model ft=artifacts/ft --model base=checkpoints/ip2p --out eval/
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import click
 
-from core.backends import BACKENDS, detect, load_backend
-from core.edit import Backend
-from core.errors import ItsdError
+from core.backends import BACKENDS
 from core.params import EditParams
 from producer.options import edit_options
-from training.dataset import TASK_COLUMN, Schema
-from training.evaluate import EvaluationError, detect_schema, load_split, write_report
-from training.evaluate import evaluate as run_evaluation
-from training.metrics import ClipScorer, ClipUnavailable, load_clip
+from training.dataset import Schema
+from training.evaluate import EvaluationSpec, evaluate_models
 from training.prepare_cli import column_name_options
 
 
@@ -34,37 +31,6 @@ def parse_models(ctx: click.Context, param: click.Parameter, values: tuple[str, 
             raise click.BadParameter(f"the model name {name!r} is given twice")
         models[name] = path
     return models
-
-
-def select_tasks(rows: Any, tasks: tuple[str, ...]) -> Any:
-    """The rows whose task column names one of `tasks`; a task the split lacks is a one-line error."""
-    if TASK_COLUMN not in rows.column_names:
-        raise click.ClickException(f"--task needs a '{TASK_COLUMN}' column; the dataset has none")
-    present = set(rows[TASK_COLUMN])
-    missing = sorted(set(tasks) - present)
-    if missing:
-        have = ", ".join(sorted(present))
-        raise click.ClickException(f"no rows of task(s) {', '.join(missing)}; the split has {have}")
-    wanted = set(tasks)
-    return rows.select([i for i, task in enumerate(rows[TASK_COLUMN]) if task in wanted])
-
-
-def load_backends(models: dict[str, str], backend: str | None) -> dict[str, Backend]:
-    loaded = {}
-    for name, path in models.items():
-        try:
-            loaded[name] = load_backend(path, backend)
-        except (ItsdError, OSError, ValueError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise click.ClickException(f"--model {name}={path}: {reason}") from None
-    return loaded
-
-
-def clip_or_reason(path: Path | None) -> tuple[ClipScorer | None, str]:
-    try:
-        return load_clip(path), str(path)
-    except ClipUnavailable as exc:
-        return None, f"skipped: {exc}"
 
 
 @click.command("evaluate")
@@ -109,7 +75,17 @@ def clip_or_reason(path: Path | None) -> tuple[ClipScorer | None, str]:
 @column_name_options
 @edit_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def evaluate(dataset: Path, models: dict[str, str], out: Path, params: EditParams, **options: Any) -> None:
+def evaluate(
+    dataset: Path,
+    models: dict[str, str],
+    out: Path,
+    params: EditParams,
+    original_image_column: str | None,
+    edit_prompt_column: str | None,
+    edited_image_column: str | None,
+    quiet: bool,
+    **options: Any,
+) -> None:
     """Measure models on a DATASET split (a save_to_disk folder): PSNR and SSIM against the target per
     task, beside the untouched input's figures (the identity baseline), optional CLIP similarities,
     and comparison grids (input | models... | target).
@@ -117,48 +93,9 @@ def evaluate(dataset: Path, models: dict[str, str], out: Path, params: EditParam
     Writes OUT/metrics.json, OUT/metrics.md and OUT/grids/<task>.png; prints the table. The seed
     defaults to 0 so runs are reproducible.
     """
-    try:
-        rows, split = load_split(dataset, options["split"])
-        overrides = Schema(
-            options["original_image_column"], options["edit_prompt_column"], options["edited_image_column"]
-        )
-        schema = detect_schema(rows.column_names, overrides)
-    except EvaluationError as exc:
-        raise click.ClickException(str(exc)) from None
-    if options["tasks"]:
-        rows = select_tasks(rows, options["tasks"])
-    if options["limit"]:
-        rows = rows.select(range(min(options["limit"], len(rows))))
-    if len(rows) == 0:
-        raise click.ClickException(f"split {split!r} of {dataset} has no rows")
-    backends = load_backends(models, options["backend"])
-    clip, clip_note = clip_or_reason(options["clip_model"])
-    if clip is None:
-        click.echo(f"CLIP similarity {clip_note}", err=True)
-    report, grids = run_evaluation(
-        rows,
-        schema,
-        backends,
-        params,
-        instruction=options["instruction"],
-        clip=clip,
-        grid_rows=options["grid_rows"],
-        quiet=options["quiet"],
-    )
-    report = {
-        "dataset": str(dataset),
-        "split": split,
-        "rows": len(rows),
-        "columns": {
-            "input": schema.input_column,
-            "instruction": schema.instruction_column,
-            "target": schema.target_column,
-        },
-        "models": {
-            name: {"path": path, "backend": options["backend"] or detect(path)} for name, path in models.items()
-        },
-        "clip": clip_note,
-    } | {key: value for key, value in report.items() if key != "models"}
-    write_report(out, report, grids)
+    columns = Schema(original_image_column or "", edit_prompt_column or "", edited_image_column or "")
+    spec = EvaluationSpec(dataset, models, params, columns=columns, **options)
+    report = evaluate_models(spec, out, progress=not quiet, report=functools.partial(click.echo, err=True))
     click.echo((out / "metrics.md").read_text(), nl=False)
-    click.echo(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(grids)} grid(s) in {out / 'grids'}")
+    grids = len(report["tasks"])
+    click.echo(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {grids} grid(s) in {out / 'grids'}")

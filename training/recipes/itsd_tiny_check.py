@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from core.params import EditParams
 from producer.options import edit_options
-from training.evaluate import GRID_HEADER, GRID_TILE
+from training.evaluate import GRID_HEADER, GRID_TILE, EvaluationSpec, evaluate_models
 from training.templates import load_templates
 
 # Phrasings that are no line of training/instructions/<task>.txt (tests/test_itsd_tiny.py checks it).
@@ -129,28 +130,15 @@ def nearest(cosines: dict[str, float]) -> str:
     return max(cosines, key=cosines.__getitem__)
 
 
-def run_evaluate(args: list[str]) -> None:
-    from training.evaluate_cli import evaluate
-
-    evaluate.main([*args, "--quiet"], standalone_mode=False)
-
-
-def edit_args(params: EditParams) -> list[str]:
-    """The options that give `itsd evaluate` these parameters (unset ones stay the model's defaults; seed 0)."""
-    given = {**params.to_dict(), "seed": params.seed if params.seed is not None else 0}
-    given = {f"--{name.replace('_', '-')}": value for name, value in given.items() if value is not None}
-    return [arg for option, value in given.items() for arg in (option, str(value))]
-
-
-def check_task(common: list[str], out: Path, task: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def check_task(base: EvaluationSpec, out: Path, task: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Score `task`'s rows with their own instructions and with every task's unseen phrasing: the task's two
     results against the bar, and its row of the confusion table (unseen phrasing of each task -> gain dB)."""
-    run_evaluate([*common, "--task", task, "--out", str(out / f"own-{task}")])
+    evaluate_models(replace(base, tasks=(task,)), out / f"own-{task}", progress=False)
     own = gains(out / f"own-{task}" / "metrics.json", "tiny")[task]
     said: dict[str, dict[str, float]] = {}
     for other, phrase in UNSEEN.items():
         folder = out / f"{task}-said-{other}"
-        run_evaluate([*common, "--task", task, "--instruction", phrase, "--out", str(folder)])
+        evaluate_models(replace(base, tasks=(task,), instruction=phrase), folder, progress=False)
         said[other] = gains(folder / "metrics.json", "tiny")[task]
     confusion = {other: figures["gain_db"] for other, figures in said.items()}
     runner_up = max((other for other in UNSEEN if other != task), key=confusion.__getitem__)
@@ -208,12 +196,11 @@ def tables(
 @edit_options
 def main(dataset: Path, artifacts: Path, out: Path, rows_per_task: int | None, params: EditParams) -> None:
     """Evaluate ARTIFACTS on DATASET's test split with its own and with unseen instructions, against the bar."""
-    common = [str(dataset), "--model", f"tiny={artifacts}", *edit_args(params)]
-    common += ["--limit", str(rows_per_task)] if rows_per_task else []
+    base = EvaluationSpec(dataset, {"tiny": str(artifacts)}, params, limit=rows_per_task)  # seed: 0 when unset
     results: list[dict[str, Any]] = []
     confusion: dict[str, dict[str, float]] = {}  # task's rows -> unseen phrasing of task -> gain dB
     for task in UNSEEN:
-        task_results, confusion[task] = check_task(common, out, task)
+        task_results, confusion[task] = check_task(base, out, task)
         results += task_results
     figure(out, list(UNSEEN))
     phrasings = [*UNSEEN.values(), *(text for texts in VALIDATION.values() for text in texts)]
