@@ -2,9 +2,9 @@
 that its latents are the image itself.
 
 Stable Diffusion's VAE is far too big for a 30 MB model, and a small one trained from scratch on a CPU budget
-reconstructs too little: itsd-tiny's first, trained at 1/2 scale, reached 23.5 dB on held-out photos, below
-the noisy and blurred inputs it was meant to restore. Restoration needs the detail, so itsd-tiny diffuses in
-pixel space: a one-level AutoencoderKL (no downsampling) whose latent channels are R, G, B and their mean.
+reconstructs below the noisy and blurred inputs it is meant to restore (docs/itsd-tiny-history.md). Restoration
+needs the detail, so itsd-tiny diffuses in pixel space: a one-level AutoencoderKL (no downsampling) whose latent
+channels are R, G, B and their mean.
 
 Every block of a diffusers encoder or decoder is a residual block (identity when its last convolution is
 zero) except the GroupNorm + SiLU before `conv_out`, which normalizes by statistics of the whole image. The
