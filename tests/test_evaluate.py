@@ -15,7 +15,7 @@ from skimage.metrics import structural_similarity
 
 from producer.cli import itsd
 from tests.conftest import photo
-from training.evaluate import GRID_HEADER, GRID_TILE
+from training.evaluation_report import GRID_HEADER, GRID_TILE
 from training.metrics import ClipUnavailable, load_clip, psnr, ssim
 
 TASKS = ("derain", "denoise", "derain", "denoise")

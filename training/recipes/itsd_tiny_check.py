@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 
 from core.params import EditParams
 from producer.options import edit_options
-from training.evaluate import GRID_HEADER, GRID_TILE, EvaluationSpec, evaluate_models
+from training.evaluate import EvaluationSpec, evaluate_models
+from training.evaluation_report import GRID_HEADER, GRID_TILE
 from training.templates import load_templates
 
 # Phrasings that are no line of training/instructions/<task>.txt (tests/test_itsd_tiny.py checks it).
