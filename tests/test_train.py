@@ -129,7 +129,7 @@ def test_widened_sd_unet_computes_exactly_what_the_sd_unet_did_when_the_extra_ch
 
 
 def test_conditioning_dropout_drops_text_image_and_both_in_the_reference_proportions():
-    from training.train import conditioning_dropout
+    from training.objective import conditioning_dropout
 
     n, p = 200_000, 0.05
     text, image = torch.ones(n, 2, 3), torch.ones(n, 4, 1, 1)
@@ -146,7 +146,7 @@ def test_conditioning_dropout_drops_text_image_and_both_in_the_reference_proport
 
 
 def test_conditioning_dropout_with_probability_zero_keeps_everything():
-    from training.train import conditioning_dropout
+    from training.objective import conditioning_dropout
 
     text, image = torch.randn(64, 2, 3), torch.randn(64, 4, 2, 2)
     got_text, got_image = conditioning_dropout(text, image, torch.zeros(1, 2, 3), 0.0, torch.Generator())
@@ -157,7 +157,7 @@ def test_conditioning_dropout_with_probability_zero_keeps_everything():
 def test_the_training_target_follows_the_schedulers_prediction_type(kind):
     from diffusers import DDPMScheduler
 
-    from training.train import training_target
+    from training.objective import training_target
 
     scheduler = DDPMScheduler(prediction_type=kind)
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
@@ -168,7 +168,7 @@ def test_the_training_target_follows_the_schedulers_prediction_type(kind):
 def test_an_unknown_prediction_type_is_refused_by_name():
     from types import SimpleNamespace
 
-    from training.train import training_target
+    from training.objective import training_target
 
     scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
     with pytest.raises(ValueError, match="'flow'"):
@@ -176,7 +176,7 @@ def test_an_unknown_prediction_type_is_refused_by_name():
 
 
 def test_input_error_weighting_scores_the_identity_edit_1_on_every_sample_whatever_the_damage():
-    from training.train import sample_weights
+    from training.objective import sample_weights
 
     target = torch.randn(3, 4, 8, 8)
     damage = torch.tensor([1.0, 0.1, 0.0]).view(3, 1, 1, 1)  # dark photo, mild blur, an untouched flat crop
@@ -372,7 +372,7 @@ def test_a_timestep_floor_outside_the_schedule_is_refused(tiny_checkpoint, datas
 
 
 def test_a_later_timestep_bias_draws_the_latest_portion_that_many_times_as_often():
-    from training.train import draw_timesteps
+    from training.objective import draw_timesteps
 
     uniform = TrainConfig(min_timestep=40)
     drawn = draw_timesteps(4, 1000, uniform, torch.Generator().manual_seed(3))
