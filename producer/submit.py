@@ -71,11 +71,7 @@ def wait_for(
             try:
                 if time.monotonic() - moved > stalled_after:  # no progress: is a job's message lost?
                     moved = time.monotonic()
-                    if lost := requeue_lost(broker, batch_id):
-                        bar.write(
-                            f"{lost} job(s) lost their message (Redis stopped as a worker took it): sent again",
-                            sys.stderr,
-                        )
+                    resend_lost(broker, batch_id, bar)
                 total, counts = progress(broker.client, batch_id)
             except (RedisConnectionError, RedisTimeoutError):
                 if not unreachable:
@@ -87,6 +83,12 @@ def wait_for(
             if unreachable:
                 bar.write("Redis is back; carrying on", sys.stderr)
                 unreachable = False
+
+
+def resend_lost(broker: Broker, batch_id: str, bar: tqdm) -> None:
+    """Send again the batch's jobs whose message was lost (Redis stopped as a worker took it), and say so."""
+    if lost := requeue_lost(broker, batch_id):
+        bar.write(f"{lost} job(s) lost their message (Redis stopped as a worker took it): sent again", sys.stderr)
 
 
 def describe(counts: dict[str, int], total: int) -> str:
