@@ -133,6 +133,6 @@ def worker(
         check_connection(url, settings.connect_timeout)
     except BrokerUnreachable as exc:
         if isinstance(exc, BrokerAuthError):  # a wrong or missing password: say so, do not hang
-            raise click.ClickException(str(exc)) from None
+            raise
         log.warning("%s; waiting for it (workers start before Redis is up, and ride out its restarts)", exc)
     serve(url, models, concurrency, hostname, soft_shutdown_timeout, loglevel, settings, metrics_port, device)
