@@ -225,12 +225,13 @@ def test_task_filter_with_an_instruction_checks_one_phrasing_on_one_task(dataset
     text = "please remove the rain streaks from this picture"
     result = run(
         dataset, "--model", f"onnx={tiny_artifacts}", "--task", "derain", "--instruction", text, "--out", tmp_path,
-        "--steps", 1, "--quiet",
+        "--steps", 1, "--grid-rows", 0, "--quiet",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert list(report["tasks"]) == ["derain"] and report["rows"] == 2
     assert [row["instruction"] for row in report["per_row"]] == [text, text]
+    assert "and 0 grid(s)" in result.output and not list((tmp_path / "grids").iterdir())  # --grid-rows 0: none
 
 
 def test_a_task_the_split_lacks_exits_non_zero_naming_the_tasks_it_has(dataset: Path, tiny_artifacts: Path, tmp_path):

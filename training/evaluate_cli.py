@@ -97,5 +97,5 @@ def evaluate(
     spec = EvaluationSpec(dataset, models, params, columns=columns, **options)
     report = evaluate_models(spec, out, progress=not quiet, report=functools.partial(click.echo, err=True))
     click.echo((out / "metrics.md").read_text(), nl=False)
-    grids = len(report["tasks"])
+    grids = len(report["tasks"]) if spec.grid_rows else 0  # one per task
     click.echo(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {grids} grid(s) in {out / 'grids'}")

@@ -72,6 +72,8 @@ def write_report(out: Path, report: dict[str, Any], grids: dict[str, list[list[I
     names = ["input", *report["models"], "target"]
     paths = []
     for task, rows in grids.items():
+        if not rows:  # --grid-rows 0
+            continue
         path = out / "grids" / f"{task.replace('/', '_')}.png"
         make_grid(rows, names).save(path)
         paths.append(path)
