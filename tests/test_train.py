@@ -355,6 +355,12 @@ def test_set_overrides_the_toml_file_and_flags_override_both(tmp_path):
     assert config.dataset == "" and config.seed == 42  # untouched defaults
 
 
+def test_a_string_set_as_toml_prints_it_is_unquoted_and_a_bare_one_is_taken_verbatim():
+    config = load_config(None, ['loss_weighting="input_error"', "mixed_precision='bf16'", 'output_dir=it\'s "a"'])
+    assert (config.loss_weighting, config.mixed_precision) == ("input_error", "bf16")
+    assert config.output_dir == 'it\'s "a"'
+
+
 def test_the_defaults_are_the_reference_recipe_with_conditioning_dropout_on():
     config = TrainConfig()
     assert (config.resolution, config.train_batch_size, config.gradient_accumulation_steps) == (256, 2, 4)

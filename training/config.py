@@ -201,7 +201,8 @@ def apply(config: TrainConfig, values: dict[str, object], source: str) -> TrainC
 
 
 def parse_override(item: str) -> tuple[str, object]:
-    """`key=value` from `--set`: strings are taken verbatim, other types are read as TOML values."""
+    """`key=value` from `--set`: strings are taken verbatim unless quoted as TOML writes them (`key="value"`, as
+    `--print-config` prints them); other types are read as TOML values."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -209,10 +210,12 @@ def parse_override(item: str) -> tuple[str, object]:
     types = _field_types()
     if key not in types:
         raise ConfigError(f"unknown config key {key!r} in --set")
-    if types[key] is str:
+    value = raw.strip()
+    quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+    if types[key] is str and not quoted:
         return key, raw
     try:
-        return key, tomllib.loads(f"v = {raw.strip()}")["v"]
+        return key, tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         raise ConfigError(f"--set {key}: cannot read {raw!r} as a value") from None
 
