@@ -452,6 +452,20 @@ def test_gradient_accumulation_holds_every_trained_module_out_of_the_sync(tiny_c
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_a_parquet_dataset_in_the_hub_layout_trains_as_its_save_to_disk_twin(tiny_checkpoint, dataset, tmp_path):
+    """`itsd prepare --format parquet` writes data/<split>-*.parquet; `itsd train` reads it as it reads arrow."""
+    from datasets import load_from_disk
+
+    from training.train import train
+
+    for split, rows in load_from_disk(str(dataset)).items():
+        (tmp_path / "parquet" / "data").mkdir(parents=True, exist_ok=True)
+        rows.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+    arrow = train(tiny_config(tiny_checkpoint, dataset, tmp_path / "arrow", max_train_steps=2))
+    parquet = train(tiny_config(tiny_checkpoint, tmp_path / "parquet", tmp_path / "from-parquet", max_train_steps=2))
+    assert parquet == arrow
+
+
 def test_input_error_weighting_trains_on_losses_relative_to_the_identity_edit(tiny_checkpoint, dataset, tmp_path):
     from training.train import train
 

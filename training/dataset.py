@@ -1,4 +1,4 @@
-"""The shape of a prepared dataset: schemas, splits, aligned crops, and writing it to disk.
+"""The shape of a prepared dataset: schemas, splits, aligned crops, and writing it to disk and reading it back.
 
 The schemas are the public ones of the InstructPix2Pix instruction-tuning blog, so a dataset made here
 and `instruction-tuning-sd/cartoonization` or `.../low-level-image-proc` train alike. Rows are written
@@ -165,6 +165,20 @@ class DatasetWriter:
         else:
             empty = {split: 1 for split, ds in splits.items() if len(ds) == 0}  # 0 shards would not load back
             DatasetDict(splits).save_to_disk(str(self.out), num_shards=empty)
+
+
+def load_folder(folder: Path) -> Dataset | DatasetDict:
+    """A dataset folder in either of `itsd prepare`'s formats: parquet files under data/ named
+    <split>-*.parquet (load_dataset's layout, as the Hub keeps them), else a save_to_disk folder.
+    FileNotFoundError when it is neither."""
+    from datasets import load_dataset, load_from_disk
+
+    files: dict[str, list[str]] = {}
+    for path in sorted((folder / "data").glob("*.parquet")):
+        files.setdefault(path.name.split("-")[0], []).append(str(path))
+    if files:
+        return load_dataset("parquet", data_files=files)
+    return load_from_disk(str(folder))
 
 
 def as_pil(value: object) -> PILImage.Image:

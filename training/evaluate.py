@@ -24,7 +24,7 @@ from core.backends import detect, load_backend
 from core.edit import Backend, edit_image
 from core.errors import InvalidParameters, ItsdError
 from core.params import EditParams
-from training.dataset import SCHEMAS, TASK_COLUMN, Schema, as_pil
+from training.dataset import SCHEMAS, TASK_COLUMN, Schema, as_pil, load_folder
 from training.evaluation_report import write_report
 from training.metrics import ClipScorer, ClipUnavailable, load_clip, psnr, ssim
 
@@ -65,14 +65,16 @@ class TaskRecord:
 
 
 def load_split(dataset: Path, split: str) -> tuple[Any, str]:
-    """The rows of `split` of a `save_to_disk` folder, and the split's name ("all" for a single Dataset,
-    which is used whole)."""
-    from datasets import DatasetDict, load_from_disk
+    """The rows of `split` of a dataset folder (training.dataset.load_folder), and the split's name ("all" for a
+    single Dataset, which is used whole)."""
+    from datasets import DatasetDict
 
     try:
-        data = load_from_disk(str(dataset))
+        data = load_folder(dataset)
     except FileNotFoundError as exc:
-        raise EvaluationError(f"{dataset}: not a dataset saved with save_to_disk ({exc})") from None
+        raise EvaluationError(
+            f"{dataset}: not a dataset folder (save_to_disk, or parquet under data/): {exc}"
+        ) from None
     if not isinstance(data, DatasetDict):
         return data, "all"
     if split not in data:

@@ -86,7 +86,7 @@ def evaluate(
     quiet: bool,
     **options: Any,
 ) -> None:
-    """Measure models on a DATASET split (a save_to_disk folder): PSNR and SSIM against the target per
+    """Measure models on a DATASET split (either format of `itsd prepare`): PSNR and SSIM against the target per
     task, beside the untouched input's figures (the identity baseline), optional CLIP similarities,
     and comparison grids (input | models... | target).
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from core.errors import InvalidParameters
 from training.config import ConfigError, TrainConfig
-from training.dataset import Crop, aligned_crop, as_pil
+from training.dataset import Crop, aligned_crop, as_pil, load_folder
 from training.templates import load_templates
 
 
@@ -26,7 +26,8 @@ def tokenize(tokenizer: object, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def load_rows(cfg: TrainConfig) -> tuple[object, object]:
-    """(training rows, validation rows) of the `save_to_disk` folder, checked for the needed columns.
+    """(training rows, validation rows) of the dataset folder (save_to_disk or parquet), checked for the needed
+    columns.
 
     A DatasetDict gives its `train_split`, and its `validation_split` when that has rows; a plain Dataset
     (or a DatasetDict without validation rows) validates on training rows.
@@ -34,7 +35,7 @@ def load_rows(cfg: TrainConfig) -> tuple[object, object]:
     import datasets
 
     try:
-        data = datasets.load_from_disk(cfg.dataset)
+        data = load_folder(Path(cfg.dataset))
     except FileNotFoundError as exc:
         raise ConfigError(f"dataset {cfg.dataset}: {exc}") from None
     held_out = None

@@ -226,7 +226,8 @@ column_options = bundle(
         type=click.Choice(["arrow", "parquet"]),
         default=DEFAULTS.fmt,
         show_default=True,
-        help="arrow: datasets save_to_disk (load_from_disk); parquet: data/<split>-*.parquet (load_dataset).",
+        help="arrow: datasets save_to_disk (load_from_disk); parquet: data/<split>-*.parquet (load_dataset). "
+        "itsd train and itsd evaluate read both.",
     ),
 )
 

@@ -19,7 +19,9 @@ import click
     help="TOML file of TrainConfig keys (see training/configs/example.toml).",
 )
 @click.option("--pretrained", help="Diffusers checkpoint folder: InstructPix2Pix, or Stable Diffusion (widened).")
-@click.option("--dataset", help="Dataset folder written by `datasets.save_to_disk` (e.g. by `itsd prepare`).")
+@click.option(
+    "--dataset", help="Dataset folder: `datasets.save_to_disk`, or parquet under data/ (both `itsd prepare` formats)."
+)
 @click.option("--output-dir", help="Where checkpoints, validation grids, TensorBoard logs and final/ go.")
 @click.option("--max-train-steps", type=click.IntRange(min=1), help="Optimizer steps to train for.")
 @click.option("--resume", help="Continue from 'latest' (newest checkpoint in the output dir) or a checkpoint folder.")
