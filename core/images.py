@@ -4,6 +4,10 @@ Pixels enter the model as float32 NCHW in [-1, 1] at the *working size*: the inp
 `max_side` is asked for, shrunk with its aspect kept so its longest side is at most that. The working image
 is padded by mirroring its edges up to the latent grid (multiples of 64 px), and the model's output is
 cropped back and, only when it was shrunk, resized to the input's size.
+
+What the model does not see goes back into the output: the source's ICC profile (a Display P3 phone photo stays
+P3) and, where the output format has one, its alpha channel. EXIF is not copied: its orientation is already
+applied, and camera and location data stay with the original.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from core.errors import ImageTooLarge, InputNotFound, InvalidImage
 from core.storage import DEFAULT_MAX_INPUT_BYTES, check_readable
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: any camera photo; stops decompression bombs before decoding
+ALPHA = "itsd_alpha"  # the info key under which an RGB image from to_rgb keeps its source's alpha ("L")
+_WITH_ALPHA = frozenset({"PNG", "WEBP", "TIFF"})  # output formats that can carry it back
 # Encoders for output files, by suffix; anything else is written as PNG under its own name.
 _FORMATS = {
     ".jpg": "JPEG",
@@ -76,7 +82,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: alpha over white, palettes expanded, 16-bit and float rescaled."""
+    """Any Pillow mode to 8-bit RGB: alpha over white, palettes expanded, 16-bit and float rescaled. The result's
+    info keeps the source's ICC profile, and its alpha channel (if any) under ALPHA, for encode_image."""
+    rgb = _rgb(image)
+    if rgb is not image:
+        rgb.info.update({key: image.info[key] for key in ("icc_profile",) if image.info.get(key)})
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgb.info[ALPHA] = image.convert("RGBA").getchannel("A")
+    return rgb
+
+
+def _rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode == "P":
@@ -133,11 +149,20 @@ def restore_size(pixels: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
-def encode_image(image: Image.Image, name: str) -> bytes:
-    """Encode for a file called `name`, in the format its suffix names (PNG when unknown)."""
+def encode_image(image: Image.Image, name: str, source: Image.Image | None = None) -> bytes:
+    """Encode for a file called `name`, in the format its suffix names (PNG when unknown). With the decoded
+    `source` it was edited from: its ICC profile, and its alpha channel where the format has one."""
     fmt = _FORMATS.get(Path(name).suffix.lower(), "PNG")
+    options: dict[str, object] = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    info = source.info if source is not None else {}
+    if info.get("icc_profile") and fmt != "GIF":
+        options["icc_profile"] = info["icc_profile"]
+    if ALPHA in info and fmt in _WITH_ALPHA:
+        alpha = info[ALPHA]
+        image = image.convert("RGB")
+        image.putalpha(alpha if alpha.size == image.size else alpha.resize(image.size, Image.Resampling.LANCZOS))
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 

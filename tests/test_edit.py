@@ -69,6 +69,22 @@ def test_outputs_keep_the_inputs_names_folders_and_sizes(tiny_artifacts, photos,
         assert (out.size, out.format) == ((130, 70), "JPEG")
 
 
+def test_itsd_edit_gives_an_output_its_inputs_alpha_and_colour_profile(tiny_artifacts, tmp_path):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((90, 70)))
+    (tmp_path / "in").mkdir()
+    rgba.save(tmp_path / "in" / "logo.png", icc_profile=icc)
+    rgba.convert("RGB").save(tmp_path / "in" / "photo.jpg", icc_profile=icc)
+    result = run_edit(tmp_path / "in", "--model", tiny_artifacts, "--out", tmp_path / "out", "-i", "Derain", "-q")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "out" / "logo.png") as logo, Image.open(tmp_path / "out" / "photo.jpg") as photo:
+        assert logo.mode == "RGBA" and logo.info["icc_profile"] == icc == photo.info["icc_profile"]
+        assert np.array_equal(np.asarray(logo.getchannel("A")), np.asarray(rgba.getchannel("A")))
+
+
 def test_a_corrupt_image_is_reported_and_the_rest_go_on(tiny_artifacts, photos, tmp_path):
     bad = tmp_path / "in" / "broken.png"
     bad.parent.mkdir()

@@ -125,6 +125,34 @@ def test_outputs_are_encoded_in_the_format_their_name_says(name):
     assert fmt == {"a.jpg": "JPEG", "b.PNG": "PNG", "c.webp": "WEBP", "d.unknown": "PNG"}[name]
 
 
+def p3_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any profile that is not sRGB's
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "b.png", "c.webp", "d.tiff"])
+def test_an_output_keeps_its_sources_icc_profile_and_alpha_where_its_format_has_one_but_not_its_exif(name):
+    rgba = photo(30, 20).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((30, 20)))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "a camera"  # rotate 90 degrees to display; the camera's make
+    source = decode_image(encoded(rgba, "PNG", icc_profile=p3_profile(), exif=exif))
+    edited = Image.fromarray(255 - np.asarray(source))  # what an edit gives back: plain RGB, no metadata
+    out = Image.open(io.BytesIO(encode_image(edited, name, source=source)))
+    assert out.size == (20, 30) and out.info.get("icc_profile") == p3_profile()
+    tags = out.getexif()  # the orientation is applied; camera and location data stay with the original
+    assert 0x010F not in tags and tags.get(0x0112, 1) == 1
+    if name == "a.jpg":
+        assert out.mode == "RGB"
+    else:
+        assert out.mode == "RGBA"
+        expected = np.asarray(rgba.getchannel("A").transpose(Image.Transpose.ROTATE_270))
+        assert np.array_equal(np.asarray(out.getchannel("A")), expected)
+    plain = Image.open(io.BytesIO(encode_image(edited, name)))
+    assert plain.mode == "RGB" and "icc_profile" not in plain.info
+
+
 def test_psnr_of_identical_images_is_infinite_and_of_a_known_shift_is_exact():
     a = np.full((4, 4), 100, np.uint8)
     assert psnr(a, a) == float("inf")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import subprocess
 import sys
@@ -94,6 +95,21 @@ def test_a_job_writes_its_output_and_records_a_done_result(client, tmp_path):
     assert Path(job.output_uri).is_file() and result["size_bytes"] == Path(job.output_uri).stat().st_size
     assert status_counts(client, Keys("batch1"))["done"] == 1
     assert {"read", "decode", "edit", "encode", "write"} <= set(result["timings"])
+
+
+def test_a_transparent_photo_with_a_colour_profile_keeps_both_through_a_job(client, tmp_path):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    rgba = photo(64, 64).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((64, 64)))
+    buffer = io.BytesIO()
+    rgba.save(buffer, "PNG", icc_profile=icc)
+    job = make_job(tmp_path, "logo.png", data=buffer.getvalue())
+    assert service(client, Invert()).handle(job.to_dict(), retries=0, worker="w")["status"] == "done"
+    out = Image.open(job.output_uri)
+    assert out.mode == "RGBA" and out.info["icc_profile"] == icc
+    assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(rgba.getchannel("A")))
 
 
 def test_the_result_names_the_runtime_that_ran_the_model(client, tmp_path):
