@@ -85,8 +85,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: alpha over white, palettes expanded, 16-bit and float rescaled. The result's
     info keeps the source's ICC profile, and its alpha channel (if any) under ALPHA, for encode_image."""
     rgb = _rgb(image)
-    if rgb is not image:
-        rgb.info.update({key: image.info[key] for key in ("icc_profile",) if image.info.get(key)})
+    icc = image.info.get("icc_profile") or b""
+    if icc[16:20] == b"RGB ":  # the profile's colour space; a CMYK or grey one does not describe the RGB pixels
+        rgb.info["icc_profile"] = icc
+    else:
+        rgb.info.pop("icc_profile", None)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgb.info[ALPHA] = image.convert("RGBA").getchannel("A")
     return rgb

@@ -72,7 +72,7 @@ def test_outputs_keep_the_inputs_names_folders_and_sizes(tiny_artifacts, photos,
 def test_itsd_edit_gives_an_output_its_inputs_alpha_and_colour_profile(tiny_artifacts, tmp_path):
     from PIL import ImageCms
 
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((90, 70)))
     (tmp_path / "in").mkdir()

@@ -125,10 +125,10 @@ def test_outputs_are_encoded_in_the_format_their_name_says(name):
     assert fmt == {"a.jpg": "JPEG", "b.PNG": "PNG", "c.webp": "WEBP", "d.unknown": "PNG"}[name]
 
 
-def p3_profile() -> bytes:
+def icc_profile(space: str = "sRGB") -> bytes:
     from PIL import ImageCms
 
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any profile that is not sRGB's
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile(space)).tobytes()
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "b.png", "c.webp", "d.tiff"])
@@ -137,10 +137,10 @@ def test_an_output_keeps_its_sources_icc_profile_and_alpha_where_its_format_has_
     rgba.putalpha(Image.linear_gradient("L").resize((30, 20)))
     exif = Image.Exif()
     exif[0x0112], exif[0x010F] = 6, "a camera"  # rotate 90 degrees to display; the camera's make
-    source = decode_image(encoded(rgba, "PNG", icc_profile=p3_profile(), exif=exif))
+    source = decode_image(encoded(rgba, "PNG", icc_profile=icc_profile(), exif=exif))
     edited = Image.fromarray(255 - np.asarray(source))  # what an edit gives back: plain RGB, no metadata
     out = Image.open(io.BytesIO(encode_image(edited, name, source=source)))
-    assert out.size == (20, 30) and out.info.get("icc_profile") == p3_profile()
+    assert out.size == (20, 30) and out.info.get("icc_profile") == icc_profile()
     tags = out.getexif()  # the orientation is applied; camera and location data stay with the original
     assert 0x010F not in tags and tags.get(0x0112, 1) == 1
     if name == "a.jpg":
@@ -151,6 +151,12 @@ def test_an_output_keeps_its_sources_icc_profile_and_alpha_where_its_format_has_
         assert np.array_equal(np.asarray(out.getchannel("A")), expected)
     plain = Image.open(io.BytesIO(encode_image(edited, name)))
     assert plain.mode == "RGB" and "icc_profile" not in plain.info
+
+
+def test_a_profile_of_another_colour_space_than_rgb_is_not_put_on_the_rgb_output():
+    source = decode_image(encoded(photo(), "PNG", icc_profile=icc_profile("LAB")))  # as a CMYK or grey one
+    out = Image.open(io.BytesIO(encode_image(source, "a.png", source=source)))
+    assert "icc_profile" not in out.info
 
 
 def test_psnr_of_identical_images_is_infinite_and_of_a_known_shift_is_exact():

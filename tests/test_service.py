@@ -100,7 +100,7 @@ def test_a_job_writes_its_output_and_records_a_done_result(client, tmp_path):
 def test_a_transparent_photo_with_a_colour_profile_keeps_both_through_a_job(client, tmp_path):
     from PIL import ImageCms
 
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     rgba = photo(64, 64).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((64, 64)))
     buffer = io.BytesIO()
