@@ -38,7 +38,7 @@ from core.settings import Settings
 from core.standin import StandInModel
 from producer.batch import Broker, results, submit_batch
 from producer.local import LocalWorker, RedisServer, free_port, wait_registered
-from producer.sources import Source
+from producer.sources import BatchInput
 from producer.submit import wait_for
 
 
@@ -78,7 +78,7 @@ def model_name(cost: float) -> str:
     return f"standin-{int(cost * 1000)}ms"
 
 
-def sources(folder: Path, count: int, offset: int) -> list[Source]:
+def sources(folder: Path, count: int, offset: int) -> list[BatchInput]:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def sources(folder: Path, count: int, offset: int) -> list[Source]:
     for i in range(offset, offset + count):
         path = folder / f"{i:05d}.png"
         Image.fromarray(np.full((64, 64, 3), i % 251, np.uint8)).save(path)  # distinct bytes, distinct job ids
-        found.append(Source(str(path), Path(path.name), f"bench {i}", PARAMS))
+        found.append(BatchInput(str(path), Path(path.name), f"bench {i}", PARAMS))
     return found
 
 
