@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -640,7 +642,7 @@ def test_patches_can_be_cut_at_native_scale_instead_of_resizing_the_row():
 
 
 def test_resume_latest_picks_the_newest_checkpoint_and_a_finished_run_trains_no_more(
-    tiny_checkpoint, dataset, tmp_path
+    tiny_checkpoint, dataset, tmp_path, caplog
 ):
     from training.checkpoints import find_checkpoint
     from training.train import train
@@ -659,7 +661,19 @@ def test_resume_latest_picks_the_newest_checkpoint_and_a_finished_run_trains_no_
     )
     assert find_checkpoint(out, "latest") == out / "checkpoint-2"
     assert find_checkpoint(tmp_path / "empty", "latest") is None
-    assert train(tiny_config(tiny_checkpoint, dataset, out, max_train_steps=2, use_ema=False, resume="latest")) == []
+    finished = tiny_config(tiny_checkpoint, dataset, out, max_train_steps=2, use_ema=False, resume="latest")
+
+    def warnings() -> list[str]:
+        return [r.getMessage().split(" changed")[0] for r in caplog.records if r.name == "training.train"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        assert train(finished) == []
+    assert warnings() == []  # only gradient checkpointing changed: the losses would be the same
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        cfg = tiny_config(tiny_checkpoint, dataset, out, max_train_steps=3, use_ema=False, learning_rate=1e-2)
+        assert len(train(replace(cfg, resume="latest", seed=7))) == 1
+    assert warnings() == ["resuming with learning_rate, seed"]
 
 
 def test_training_from_sd_writes_a_final_folder_that_loads_as_an_8_channel_ip2p_pipeline(

@@ -236,6 +236,34 @@ def load_config(
     return apply(config, given, "flags")
 
 
+# Keys a resumed run may change and still continue with the losses of an uninterrupted one: where it stops and
+# what it saves, validates and loads with (gradient checkpointing recomputes the same activations).
+RESUMABLE = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "max_train_steps",
+        "dataloader_num_workers",
+        "gradient_checkpointing",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "num_validation_rows",
+        "validation_inference_steps",
+        "validation_guidance_scale",
+        "validation_image_guidance_scale",
+        "edit_defaults",
+    }
+)
+
+
+def changed_for_resume(previous: TrainConfig, current: TrainConfig) -> list[str]:
+    """The keys, other than RESUMABLE ones, whose values differ between the run that made a checkpoint and the
+    one resuming it."""
+    before, after = dataclasses.asdict(previous), dataclasses.asdict(current)
+    return sorted(key for key in before if key not in RESUMABLE and before[key] != after[key])
+
+
 def to_toml(config: TrainConfig) -> str:
     """The config as TOML (flat keys), written next to checkpoints so a run records what it was."""
     lines = []

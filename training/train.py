@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from core.params import read_edit_defaults
 from training.checkpoints import STATE_FILE, find_checkpoint, save_checkpoint, save_final, write_edit_defaults
-from training.config import ConfigError, TrainConfig, to_toml
+from training.config import ConfigError, TrainConfig, changed_for_resume, load_config, to_toml
 from training.models import Models, Trained, load_models, parameters_of, task_head
 from training.objective import Objective
 from training.pairs import MixtureBatches, PairDataset, load_rows, row_weights
@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> list[float]:
     trained = trained.replaced(prepared)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    start_step = resume(accelerator, ema, output_dir, cfg.resume)
+    start_step = resume(accelerator, ema, cfg)
     batches = mixture_batches(pairs, weights, cfg, accelerator.process_index, start_step)
     objective = Objective(cfg, accelerator, models, trained, weight_dtype)
     writer = open_writer(accelerator, output_dir, cfg)
@@ -193,10 +193,12 @@ def make_ema(trained: Trained, cfg: TrainConfig, device: torch.device) -> Any | 
     return ema
 
 
-def resume(accelerator: Any, ema: Any | None, output_dir: Path, which: str) -> int:
-    """Load the checkpoint `which` names (training.checkpoints.find_checkpoint) into every prepared object;
-    the step to go on from, 0 when there is none."""
-    checkpoint = find_checkpoint(output_dir, which)
+def resume(accelerator: Any, ema: Any | None, cfg: TrainConfig) -> int:
+    """Load the checkpoint `cfg.resume` names (training.checkpoints.find_checkpoint) into every prepared object;
+    the step to go on from, 0 when there is none. A config that changed since the run that made the checkpoint
+    (its OUTPUT_DIR/config.toml) in a key that changes the losses is named in a warning."""
+    output_dir = Path(cfg.output_dir)
+    checkpoint = find_checkpoint(output_dir, cfg.resume)
     if checkpoint is None:
         return 0
     accelerator.load_state(str(checkpoint))
@@ -204,6 +206,17 @@ def resume(accelerator: Any, ema: Any | None, output_dir: Path, which: str) -> i
         ema.to(accelerator.device)  # load_state maps the EMA's tensors to the CPU
     step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
     log.info("resumed from %s at step %d", checkpoint, step)
+    if (output_dir / "config.toml").is_file():
+        try:
+            changed = changed_for_resume(load_config(output_dir / "config.toml"), cfg)
+        except ConfigError as exc:
+            changed = [f"(the earlier config does not load: {exc})"]
+        if changed:
+            log.warning(
+                "resuming with %s changed since the run that made %s: the losses will not be an uninterrupted run's",
+                ", ".join(changed),
+                checkpoint.name,
+            )
     return step
 
 
