@@ -116,6 +116,13 @@ def itsd(verbose: int) -> None:
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("transformers.utils.import_utils").addFilter(without_torchvision_notice)
+
+
+def without_torchvision_notice(record: logging.LogRecord) -> bool:
+    """itsd installs no torchvision on purpose (README); transformers' notice that it falls back to its PIL image
+    processors, printed by every command that imports diffusers, is dropped."""
+    return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def main() -> None:

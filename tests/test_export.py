@@ -162,3 +162,15 @@ def test_a_checkpoints_edit_defaults_travel_in_the_manifest_and_its_identity(tin
     result = run_export(checkpoint, tmp_path / "bad", "--quiet")
     assert result.exit_code == 1 and "unknown edit default(s) guidance" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow  # a fresh process importing torch and diffusers: 10-20 s
+def test_the_export_command_prints_its_result_without_transformers_torchvision_notice(tiny_checkpoint, tmp_path):
+    """itsd ships no torchvision on purpose; transformers' notice about it would send users to install it."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "producer.cli", "export", str(tiny_checkpoint), str(tmp_path / "a"), "--no-verify"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "exported" in done.stdout and "torchvision" not in done.stderr + done.stdout
