@@ -91,7 +91,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     else:
         rgb.info.pop("icc_profile", None)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-        rgb.info[ALPHA] = image.convert("RGBA").getchannel("A")
+        rgb.info[ALPHA] = (image if image.mode == "RGBA" else image.convert("RGBA")).getchannel("A")
     return rgb
 
 
