@@ -69,8 +69,8 @@ def test_photo(megapixels: float) -> Image.Image:
     return base.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def child(megapixels: float, artifacts: str) -> None:
-    """One size in a fresh process, so its peak RSS is its own."""
+def child(megapixels: float, artifacts: str, overview: bool) -> None:
+    """One size in a fresh process, so its peak RSS is its own; with the global view or tiles alone."""
     from worker.pipeline import OnnxEditPipeline
 
     backend = OnnxEditPipeline(Path(artifacts))
@@ -78,7 +78,7 @@ def child(megapixels: float, artifacts: str) -> None:
     image = test_photo(megapixels)
     before = current_rss_mb()
     start = time.perf_counter()
-    edit = edit_image(backend, image, INSTRUCTION, EditParams(seed=0))
+    edit = edit_image(backend, image, INSTRUCTION, EditParams(seed=0), Tiling(overview=overview))
     seconds = time.perf_counter() - start
     pixels = image.size[0] * image.size[1]
     print(
@@ -160,6 +160,84 @@ def quality(artifacts: Path, name: str) -> dict:
     }
 
 
+DARKENED = {"gamma": 1.8, "gain": 0.3, "photons": 500.0, "read_noise": 0.005}  # a dark, slightly noisy photo
+TASKS = {  # case -> (degradation of the clean photo, or None for the clean photo itself; instruction)
+    "brighten_normal": (None, "Brighten this dark photo"),
+    "brighten_darkened": ("low_light", "Brighten this dark photo"),
+    "denoise": ("sensor_noise", "Remove the noise from this photo"),
+    "derain": ("rain", "Remove the rain from this image"),
+    "deblur": ("defocus_blur", "Sharpen this blurry photo"),
+    "cartoonize": (None, "Cartoonize the image"),
+}
+BLOCK = 128  # px: the side of the blocks whose mean luminance must follow the whole photo's decision
+
+
+def block_deviation(output: np.ndarray, reference: np.ndarray) -> float:
+    """The largest difference in mean luminance (levels of 255) over BLOCK-px blocks."""
+    weights = np.array([0.299, 0.587, 0.114])
+    difference = (output.astype(np.float64) - reference.astype(np.float64)) @ weights
+    rows, columns = difference.shape[0] // BLOCK, difference.shape[1] // BLOCK
+    blocks = difference[: rows * BLOCK, : columns * BLOCK].reshape(rows, BLOCK, columns, BLOCK).mean(axis=(1, 3))
+    return round(float(np.abs(blocks).max()), 2)
+
+
+def whole_photo(artifacts: Path, name: str, megapixels: float) -> dict:
+    """One held-out photo enlarged to `megapixels`, per task: the new path (global view + tiles), tiles alone,
+    and the whole photo at native size enlarged (`--max-side` the tile), against the clean photo (cartoonize:
+    against the teacher's cartoon of it), and how far each strays from the whole-photo edit in any block. The
+    tiled pass runs once: tiles alone are its output, the new path its merge with the view (as `generate`)."""
+    from core.edit import CallCounter, sample
+    from core.images import to_uint8
+    from core.overview import global_view, merge
+    from training.degrade import DEGRADATIONS
+    from training.recipes.photos import PHOTOS
+    from training.teachers import BUILTIN_TEACHERS
+    from worker.pipeline import OnnxEditPipeline
+
+    backend = OnnxEditPipeline(artifacts)
+    photo = PHOTOS[name]()
+    scale = (megapixels * 1e6 / (photo.shape[0] * photo.shape[1])) ** 0.5
+    size = (round(photo.shape[1] * scale), round(photo.shape[0] * scale))
+    clean = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC))
+    params = EditParams(seed=0).resolve(backend.edit_defaults)
+    side = backend.facts.tile_size
+    rows = {}
+    for case, (degradation, instruction) in TASKS.items():
+        source, target = clean, clean
+        if degradation is not None:
+            settings = (
+                DARKENED if degradation == "low_light" else DEGRADATIONS[degradation].sample(np.random.default_rng(1))
+            )
+            damaged = DEGRADATIONS[degradation].apply(
+                clean.astype(np.float32) / 255.0, settings, np.random.default_rng(0)
+            )
+            source = np.clip(np.round(damaged * 255.0), 0, 255).astype(np.uint8)
+        if case == "cartoonize":
+            target = BUILTIN_TEACHERS["cartoonization"](clean)
+        image = Image.fromarray(source)
+        whole = np.asarray(edit_image(backend, image, instruction, EditParams(seed=0, max_side=side)).image)
+        pixels = to_model_input(pad_to_multiple(image, image.size, LATENT_MULTIPLE))
+        layout = plan(backend.facts, pixels.shape[2], pixels.shape[3])
+        start = time.perf_counter()
+        tiled = sample(backend, pixels, layout, 1, instruction, params, 0, CallCounter(None, 0))
+        view = global_view(pixels, side)
+        view_layout = plan(backend.facts, view.shape[2], view.shape[3], Tiling(size=side))
+        merged = merge(tiled.copy(), sample(backend, view, view_layout, 1, instruction, params, 0), side, params.detail)
+        seconds = time.perf_counter() - start
+        crop = (slice(0, size[1]), slice(0, size[0]))
+        outputs = {"new": to_uint8(merged)[crop], "tiles_alone": to_uint8(tiled)[crop], "whole_enlarged": whole}
+        rows[case] = {
+            "psnr_db": {"input": round(psnr(source, target), 2)}
+            | {key: round(psnr(value, target), 2) for key, value in outputs.items()},
+            "block_deviation_from_whole": {key: block_deviation(value, whole) for key, value in outputs.items()},
+            "seam_ratio_new": seam_ratio(
+                outputs["new"], target, layout_borders(layout, backend.facts.vae_scale_factor)
+            ),
+            "seconds_new": round(seconds, 1),
+        }
+    return {"photo": f"{name} enlarged to {size[0]}x{size[1]}", "tasks": rows}
+
+
 class VaeOnly:
     """A model's VAE alone through the loop: its UNet replaced by one that predicts the image latents as the
     clean sample (one step of a sample-predicting Euler schedule lands on them), so the edit is a round trip."""
@@ -187,7 +265,7 @@ def vae_tiling(work: Path, itsd_tiny: Path) -> dict:
         export_checkpoint(str(work / "tiny-ckpt"), test_model, verify_parity=False)
     image = np.asarray(Image.fromarray(PHOTOS["astronaut"]()).resize((768, 512), Image.Resampling.LANCZOS))
     pixels = to_model_input(image)
-    params = EditParams(steps=1, guidance_scale=1.0, image_guidance_scale=1.0)
+    params = EditParams(steps=1, guidance_scale=1.0, image_guidance_scale=1.0).resolve({})
     figures = {"image": "astronaut at 768x512, native 256-px tiles"}
     for name, artifacts in (("itsd-tiny", itsd_tiny), ("tiny test model (random weights, 1/8 latents)", test_model)):
         vae = VaeOnly(OnnxEditPipeline(artifacts))
@@ -211,10 +289,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.25,1,4,12,24")
     parser.add_argument("--sd15-tile", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--child", nargs=2, metavar=("MP", "ARTIFACTS"))
+    parser.add_argument("--quality-mp", type=float, default=12.0, help="size of the per-task photos; 0: skip")
+    parser.add_argument("--child", nargs=3, metavar=("MP", "ARTIFACTS", "OVERVIEW"))
     args = parser.parse_args()
     if args.child:
-        child(float(args.child[0]), args.child[1])
+        child(float(args.child[0]), args.child[1], args.child[2] == "1")
         return
 
     from core.settings import Settings
@@ -224,20 +303,25 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="itsd-bench-resolution-"))
     artifacts = artifacts_for(str(BUNDLED_MODEL), Settings.from_env(), lambda message: None)
-    sizes = []
+    sizes, tiles_alone = [], []
     for megapixels in (float(s) for s in args.sizes.split(",")):
-        run = subprocess.run(
-            [sys.executable, __file__, "--child", str(megapixels), str(artifacts)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        sizes.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        for overview, rows in (("1", sizes), ("0", tiles_alone)):
+            run = subprocess.run(
+                [sys.executable, __file__, "--child", str(megapixels), str(artifacts), overview],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
     per_mp = [s["s_per_mp"] for s in sizes if s["megapixels"] >= 1]
     result = {
         "bench": "resolution",
         "model": "itsd-tiny",
         "sizes": sizes,
+        "sizes_tiles_alone": tiles_alone,
+        "s_per_mp_vs_tiles_alone": [
+            round(a["s_per_mp"] / b["s_per_mp"], 3) for a, b in zip(sizes, tiles_alone, strict=True)
+        ],
         "s_per_mp_spread_1_to_24": round(max(per_mp) / min(per_mp) - 1, 3) if per_mp else None,
         "quality": {
             "noise": {"degradation": "sensor_noise", **NOISE},
@@ -246,6 +330,11 @@ def main() -> None:
         },
         "vae_tiling": vae_tiling(work, artifacts),
     }
+    if args.quality_mp:
+        result["whole_photo"] = {
+            "megapixels": args.quality_mp,
+            "photos": [whole_photo(artifacts, name, args.quality_mp) for name in HELD_OUT],
+        }
     if args.sd15_tile:
         result["sd15_tile"] = sd15_tile(work)
     print(json.dumps(result))

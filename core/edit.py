@@ -26,8 +26,9 @@ from PIL import Image
 
 from core.errors import InvalidOutput
 from core.images import pad_to_multiple, restore_size, to_model_input, to_uint8, working_size
+from core.overview import global_view, merge
 from core.params import LATENT_MULTIPLE, EditParams
-from core.schedulers import make_scheduler
+from core.schedulers import Scheduler, make_scheduler
 from core.tiles import Canvas, Layout, Tile
 
 Progress = Callable[[int, int], None]  # (units done, units in all) after each model call on tiles
@@ -67,10 +68,11 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class Tiling:
-    """How the loop cuts an image. Neither setting changes which image a seed gives, beyond float rounding."""
+    """How the loop cuts an image. Neither size nor batch changes which image a seed gives, beyond rounding."""
 
     size: int | None = None  # tile side in px; None: the model's native size (`ModelFacts.tile_size`)
     batch: int = 1  # tiles per UNet call, each with its CFG copies (so the UNet batch is batch x 3 when guided)
+    overview: bool = True  # False: each tile decides alone, no global view (what benchmarks compare against)
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -108,7 +110,7 @@ def edit_image(
     seed = resolve_seed(params)
     pixels = to_model_input(pad_to_multiple(image, size, LATENT_MULTIPLE))
     layout = plan(backend.facts, pixels.shape[2], pixels.shape[3], tiling)
-    edited = generate(backend, pixels, instruction, params, seed, layout, tiling.batch, progress)
+    edited = generate(backend, pixels, instruction, params, seed, layout, tiling.batch, progress, tiling.overview)
     return Edit(restore_size(edited[: size[1], : size[0]], image.size), seed, size, len(layout))
 
 
@@ -127,15 +129,41 @@ def generate(
     layout: Layout,
     tile_batch: int = 1,
     progress: Progress | None = None,
+    overview: bool = True,
 ) -> np.ndarray:
     """float32 [1, 3, H, W] in [-1, 1] (sides multiples of the latent grid) -> uint8 [H, W, 3] edited pixels;
-    `params` resolved, `layout` from `plan`."""
+    `params` resolved, `layout` from `plan`. An image of several tiles is edited twice: whole, shrunk to one
+    tile (the global view, which decides), and in `layout`'s tiles (the detail), merged (`core.overview`)."""
+    facts = backend.facts
+    side = layout.tile * facts.vae_scale_factor
+    passes = [(pixels, layout, tile_batch)]
+    if overview and len(layout) > 1:
+        view = global_view(pixels, side)
+        passes.append((view, plan(facts, view.shape[2], view.shape[3], Tiling(size=side)), 1))
+    steps = len(_scheduler(facts, params).timesteps)
+    count = CallCounter(progress, sum(2 * len(grid) + steps * -(-len(grid) // batch) for _, grid, batch in passes))
+    edited, *whole = [sample(backend, *grid, instruction, params, seed, count) for grid in passes]
+    if whole:
+        edited = merge(edited, whole[0], side, params.detail)
+    return to_uint8(edited)
+
+
+def sample(
+    backend: Backend,
+    pixels: np.ndarray,
+    layout: Layout,
+    tile_batch: int,
+    instruction: str,
+    params: EditParams,
+    seed: int,
+    count: CallCounter | None = None,
+) -> np.ndarray:
+    """One pass of InstructPix2Pix over `layout`'s tiles, each deciding for itself: float32 [3, H, W] decoded
+    pixels in about [-1, 1]. `generate` runs it for the tiles and for the global view, and merges them."""
+    count = count or CallCounter(None, 0)
     facts = backend.facts
     copies = 3 if params.guided else 1
-    scheduler = make_scheduler(facts.scheduler_config, params.scheduler)
-    scheduler.set_timesteps(params.steps)
-    batches = -(-len(layout) // tile_batch)
-    count = _Counter(progress, 2 * len(layout) + len(scheduler.timesteps) * batches)
+    scheduler = _scheduler(facts, params)
 
     pixel_layout = layout.scaled(facts.vae_scale_factor)
     image_latents = Canvas(layout, facts.latent_channels)
@@ -172,7 +200,13 @@ def generate(
         count.step()
     if not np.isfinite(decoded.array).all():  # NaN would be written as black and reported done
         raise InvalidOutput("the model's output has NaN or infinite values (broken weights or an overflowing graph)")
-    return to_uint8(decoded.array[0])
+    return decoded.array[0]
+
+
+def _scheduler(facts: ModelFacts, params: EditParams) -> Scheduler:
+    scheduler = make_scheduler(facts.scheduler_config, params.scheduler)
+    scheduler.set_timesteps(params.steps)
+    return scheduler
 
 
 def _guide(output: np.ndarray, params: EditParams) -> np.ndarray:
@@ -196,7 +230,9 @@ def _groups(layout: Layout, size: int) -> Iterator[tuple[list[Tile], list[Tile]]
         yield group, group + [group[-1]] * (size - len(group))
 
 
-class _Counter:
+class CallCounter:
+    """Reports (model calls done, model calls in all) to a `Progress` after each call."""
+
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress, self.total, self.done = progress, total, 0
 

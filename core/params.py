@@ -32,12 +32,13 @@ PROJECT_DEFAULTS: dict[str, float] = {
     "steps": 20,  # the blog's validation setting; diffusers' pipeline default of 100 is 5x slower
     "guidance_scale": 7.0,  # text guidance
     "image_guidance_scale": 1.5,  # how closely the output follows the input image
+    "detail": 1.0,  # of the tiled pass's finer scale on top of the whole photo's view (core.overview): all of it
 }
 MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side")  # what a model's edit_defaults.json may set
 
 
 _WHOLE = ("steps", "seed", "max_side")  # EditParams fields that must be integers (bools are not)
-_NUMBERS = ("guidance_scale", "image_guidance_scale")  # and those that must be finite numbers
+_NUMBERS = ("guidance_scale", "image_guidance_scale", "detail")  # and those that must be finite numbers
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class EditParams:
     scheduler: str | None = None  # None: the checkpoint's own scheduler
     max_side: int | None = None  # None: the model works at the input's own size (in tiles), unless the model's
     # defaults set one; else the longest side it works at, the output resized back to the input's size
+    detail: float | None = None  # 0..1: how much of the tiles' finer scale an image of several tiles takes on top
+    # of its global view (0: the view enlarged); None: the model's default, else 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +75,8 @@ class EditParams:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             problems.append(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if self.detail is not None and not 0.0 <= self.detail <= 1.0:
+            problems.append(f"detail must be 0..1, got {self.detail}")
         if self.max_side is not None and not LATENT_MULTIPLE <= self.max_side <= MAX_SIDE:
             problems.append(f"max_side must be {LATENT_MULTIPLE}..{MAX_SIDE}, got {self.max_side}")
         if problems:
@@ -102,7 +107,8 @@ class EditParams:
 
 
 def check_edit_defaults(data: Any, where: str) -> dict[str, float]:
-    """A model's edit defaults, validated: only steps, the two guidance scales and max_side, with valid values."""
+    """A model's edit defaults, validated: only steps, the two guidance scales, detail and max_side, with valid
+    values."""
     if not isinstance(data, dict):
         raise InvalidModel(f"{where}: edit defaults must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(MODEL_DEFAULTS))

@@ -102,6 +102,11 @@ class Layout:
         return len(self.rows.starts) * len(self.columns.starts)
 
     @property
+    def tile(self) -> int:
+        """The tile side asked for, in cells (along an axis shorter than it, tiles are cut to the axis)."""
+        return max(self.rows.size, self.columns.size)
+
+    @property
     def tiles(self) -> list[Tile]:
         return [
             Tile(top, left, row_weight, column_weight)

@@ -20,7 +20,9 @@ PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; JSON has no infinity
 PROBE_INSTRUCTION = "turn the sky into a sunset"
 PROBE_SEED = 0
 # 3-way guidance, whatever the model's defaults: the probe covers every path. Euler: no noise after the first draw.
-PROBE_PARAMS = EditParams(steps=4, guidance_scale=7.0, image_guidance_scale=1.5, scheduler="euler", seed=PROBE_SEED)
+PROBE_PARAMS = EditParams(
+    steps=4, guidance_scale=7.0, image_guidance_scale=1.5, scheduler="euler", seed=PROBE_SEED
+).resolve({})
 PROBE_SIZE = 128  # px, square: one tile
 TILED_PROBE = (128, 192, Tiling(size=64))  # height, width px, and tiles small enough for several of them
 

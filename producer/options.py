@@ -57,6 +57,14 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Shrink first so the longest side is at most this (faster, coarser); the output is resized back "
             "to the input's size. [default: the model's (edit_defaults.json), else the input's own size, in tiles]",
         ),
+        click.option(
+            "--detail",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="An image of several tiles is edited whole at one tile (which decides tone, colour and whether to "
+            "change) and in tiles at its own size: how much of the tiles' finer detail to add (0: the whole view "
+            f"enlarged). {_model_default('detail')}",
+        ),
     ]
 
     @functools.wraps(command)
@@ -68,10 +76,11 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         seed: int | None,
         scheduler: str | None,
         max_side: int | None,
+        detail: float | None,
         **kwargs: Any,
     ) -> Any:
         try:
-            params = EditParams(steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side)
+            params = EditParams(steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail)
         except InvalidParameters as exc:
             raise click.BadParameter(str(exc)) from None
         return command(*args, params=params, **kwargs)

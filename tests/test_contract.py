@@ -30,8 +30,8 @@ def test_a_model_may_ask_for_a_working_size_and_a_command_may_override_it():
 
 def test_unset_settings_come_from_the_model_and_set_ones_win():
     model = {"guidance_scale": 1.0, "image_guidance_scale": 1.2}
-    assert EditParams(seed=4).resolve(model) == EditParams(20, 1.0, 1.2, seed=4)
-    assert EditParams(steps=3, guidance_scale=5.0).resolve(model) == EditParams(3, 5.0, 1.2)
+    assert EditParams(seed=4).resolve(model) == EditParams(20, 1.0, 1.2, seed=4, detail=1.0)
+    assert EditParams(steps=3, guidance_scale=5.0).resolve(model) == EditParams(3, 5.0, 1.2, detail=1.0)
     with pytest.raises(ValueError, match="resolve"):
         _ = EditParams().guided  # a backend must never guess
 

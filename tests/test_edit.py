@@ -220,4 +220,5 @@ def test_a_large_image_is_edited_at_its_own_size_in_tiles_with_a_progress_bar(ti
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "out" / "wide.png").size == (700, 300)
-    assert "wide.png" in result.output and "/24 " in result.output  # 8 encodes, 2 steps x 4 batches, 8 decodes
+    assert "wide.png" in result.output and "/28 " in result.output  # 8 encodes, 2 steps x 4 batches, 8 decodes,
+    # and the global view's 1 + 2 + 1
