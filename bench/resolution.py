@@ -1,17 +1,26 @@
 """Full resolution: time and memory from 0.25 to 24 MP, and what tiles do to quality, in one run.
 
-    python bench/resolution.py [--sizes 0.25,1,4,12,24] [--sd15-tile] [--workdir DIR]
+    python bench/resolution.py [--sizes 0.25,1,4,12,24] [--quality-mp 12] [--figure FILE] [--sd15-tile] [--workdir DIR]
 
 prints one JSON line:
 - `sizes`: per megapixel count, a photo-like image of aspect 3:2 edited with the bundled itsd-tiny at its own
   settings (1 step, guidance 1/1) in a fresh process each: s/image, s/MP, tiles, peak RSS, and the same
   process's RSS just before the edit (the model and runtime), so the edit's own share shows;
+  `sizes_tiles_alone` the same with no global view (each tile deciding alone, as before it), and
+  `s_per_mp_vs_tiles_alone` the ratio per size;
 - `quality`: each of itsd-tiny's held-out photos (never seen in training) mirrored out to 1920x1280 at its
   own scale (no photo of that size ships offline; enlarging one would leave no detail for a shrunk edit to
   lose), given sensor noise, "Remove the noise from this photo": PSNR against the clean photo of the noisy
-  input, the default tiled edit, the `--max-side 512` edit, and naive tiles (non-overlapping 256-px pieces,
-  each edited alone and pasted); `seam_ratio`: the error at tile-border rows and columns over the error
-  elsewhere (1.0: no seam), for the tiled edit and the naive pieces;
+  input, the default edit (global view and tiles), tiles alone, the `--max-side 512` edit, and naive tiles
+  (non-overlapping 256-px pieces, each edited alone and pasted); `seam_ratio`: the error at tile-border rows
+  and columns over the error elsewhere (1.0: no seam), for the default edit and the naive pieces;
+- `whole_photo`: each held-out photo enlarged to `--quality-mp` (12) MP, per task (brightening the photo as it
+  is and a darkened copy, denoising, deraining, deblurring, cartoonizing): PSNR against the clean photo (the
+  teacher's cartoon for cartoonizing) of the default edit, tiles alone and the whole photo edited at native
+  size and enlarged (`--max-side 256`: the whole-photo decision), the largest difference in mean luminance
+  from that decision over 128-px blocks, and the default edit's seam ratio; `--figure FILE` writes the first
+  photo's "brighten" edits, tiles alone beside the default, and a crop of each at full resolution where tiles
+  alone stray most from the whole-photo edit, as a JPEG;
 - `vae_tiling`: each VAE's round trip of a 768x512 photo in native tiles against one call on the whole
   image (how far per-tile GroupNorm statistics shift colour), for itsd-tiny and for the tiny test model's
   SD-like VAE (random weights: its round trip is no image, so its shift says little about a trained one);
@@ -139,6 +148,7 @@ def quality(artifacts: Path, name: str) -> dict:
     noisy_image = Image.fromarray(np.clip(np.round(noisy * 255.0), 0, 255).astype(np.uint8))
     params = EditParams(seed=0)
     tiled = edit_image(backend, noisy_image, INSTRUCTION, params)
+    alone = edit_image(backend, noisy_image, INSTRUCTION, params, Tiling(overview=False))
     shrunk = edit_image(backend, noisy_image, INSTRUCTION, EditParams(seed=0, max_side=512))
     naive = naive_pieces(backend, noisy_image, params)
     padded = pad_to_multiple(noisy_image, noisy_image.size, LATENT_MULTIPLE)
@@ -149,6 +159,7 @@ def quality(artifacts: Path, name: str) -> dict:
         "psnr_db": {
             "noisy_input": round(psnr(np.asarray(noisy_image), clean), 2),
             "tiled_default": round(psnr(np.asarray(tiled.image), clean), 2),
+            "tiles_alone": round(psnr(np.asarray(alone.image), clean), 2),
             "max_side_512": round(psnr(np.asarray(shrunk.image), clean), 2),
             "naive_tiles": round(psnr(naive, clean), 2),
         },
@@ -181,7 +192,30 @@ def block_deviation(output: np.ndarray, reference: np.ndarray) -> float:
     return round(float(np.abs(blocks).max()), 2)
 
 
-def whole_photo(artifacts: Path, name: str, megapixels: float) -> dict:
+def side_by_side(left: np.ndarray, right: np.ndarray, whole: np.ndarray, path: Path, width: int = 2400) -> None:
+    """The README's figure, as a JPEG `width` px wide: the two outputs next to each other, shrunk, and below
+    them the same crop of each at full resolution around the block where `left` strays most from `whole`."""
+    weights = np.array([0.299, 0.587, 0.114])
+    difference = np.abs((left.astype(np.float64) - whole.astype(np.float64)) @ weights)
+    rows, columns = difference.shape[0] // BLOCK, difference.shape[1] // BLOCK
+    blocks = difference[: rows * BLOCK, : columns * BLOCK].reshape(rows, BLOCK, columns, BLOCK).mean(axis=(1, 3))
+    row, column = np.unravel_index(int(blocks.argmax()), blocks.shape)
+    half = width // 2
+    crop_h = half * 2 // 3
+    top = int(np.clip(row * BLOCK + BLOCK // 2 - crop_h // 2, 0, left.shape[0] - crop_h))
+    start = int(np.clip(column * BLOCK + BLOCK // 2 - half // 2, 0, left.shape[1] - half))
+    gap = np.full((left.shape[0], left.shape[1] // 100, 3), 255, np.uint8)
+    pair = Image.fromarray(np.concatenate([left, gap, right], axis=1))
+    pair = pair.resize((width, round(pair.height * width / pair.width)), Image.Resampling.LANCZOS)
+    crops = [Image.fromarray(a[top : top + crop_h, start : start + half]) for a in (left, right)]
+    sheet = Image.new("RGB", (width, pair.height + 8 + crop_h), "white")
+    sheet.paste(pair, (0, 0))
+    for index, crop in enumerate(crops):
+        sheet.paste(crop.resize((half - 4, crop_h), Image.Resampling.LANCZOS), (index * (half + 4), pair.height + 8))
+    sheet.save(path, quality=88)
+
+
+def whole_photo(artifacts: Path, name: str, megapixels: float, figure: Path | None = None) -> dict:
     """One held-out photo enlarged to `megapixels`, per task: the new path (global view + tiles), tiles alone,
     and the whole photo at native size enlarged (`--max-side` the tile), against the clean photo (cartoonize:
     against the teacher's cartoon of it), and how far each strays from the whole-photo edit in any block. The
@@ -235,6 +269,8 @@ def whole_photo(artifacts: Path, name: str, megapixels: float) -> dict:
             ),
             "seconds_new": round(seconds, 1),
         }
+        if figure is not None and case == "brighten_normal":
+            side_by_side(outputs["tiles_alone"], outputs["new"], whole, figure)
     return {"photo": f"{name} enlarged to {size[0]}x{size[1]}", "tasks": rows}
 
 
@@ -290,6 +326,7 @@ def main() -> None:
     parser.add_argument("--sd15-tile", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--quality-mp", type=float, default=12.0, help="size of the per-task photos; 0: skip")
+    parser.add_argument("--figure", type=Path, default=None, help="write the first photo's brighten edits here")
     parser.add_argument("--child", nargs=3, metavar=("MP", "ARTIFACTS", "OVERVIEW"))
     args = parser.parse_args()
     if args.child:
@@ -333,7 +370,10 @@ def main() -> None:
     if args.quality_mp:
         result["whole_photo"] = {
             "megapixels": args.quality_mp,
-            "photos": [whole_photo(artifacts, name, args.quality_mp) for name in HELD_OUT],
+            "photos": [
+                whole_photo(artifacts, name, args.quality_mp, args.figure if name == HELD_OUT[0] else None)
+                for name in HELD_OUT
+            ],
         }
     if args.sd15_tile:
         result["sd15_tile"] = sd15_tile(work)

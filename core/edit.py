@@ -10,8 +10,10 @@ image latents from the VAE encoder's mode, 3-way classifier-free guidance with t
 The unit of compute is the tile (`core.tiles`): the VAE encodes and decodes overlapping tiles of the
 model's native size, and at every step the UNet runs on batches of latent tiles (CFG copies included),
 their guided predictions are blended with weights that sum to one, and one scheduler step runs on the
-whole latent, so the seed and the noise are those of the whole image. An image that fits in one tile
-makes one call of each model, exactly as an untiled pipeline does.
+whole latent, so the seed and the noise are those of the whole image. An image of several tiles is also
+edited whole, shrunk to one tile, and that global view sets the coarse scale of the result where the tiles
+disagree with it (`core.overview`): a tile never decides alone what the instruction means. An image that
+fits in one tile makes one call of each model, exactly as an untiled pipeline does.
 """
 
 from __future__ import annotations

@@ -37,6 +37,18 @@ def test_a_malformed_jsonl_line_fails_alone_with_its_line_number(tmp_path):
     ]
 
 
+def test_a_manifest_row_may_set_detail_and_a_bad_one_fails_alone(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"input": "a.png", "detail": 0.25}, {"input": "a.png", "output": "b.png", "detail": "2"}]
+    (tmp_path / "jobs.csv").write_text("input,output,detail\na.png,,0.25\na.png,b.png,2\n")
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    for manifest in ("jobs.csv", "jobs.jsonl"):
+        sources, rejected = collect_sources([str(tmp_path / manifest)], "x", EditParams(steps=2))
+        assert [(s.params.detail, s.params.steps) for s in sources] == [(0.25, 2)]
+        assert [r.where.rsplit(":", 1)[1] for r in rejected] == ["3" if manifest == "jobs.csv" else "2"]
+        assert "detail must be 0..1" in str(rejected[0].error)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
 def test_an_input_that_is_no_regular_file_or_too_large_is_refused_before_reading(tmp_path, kind):
     if kind == "fifo":
