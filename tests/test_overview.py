@@ -125,3 +125,33 @@ def test_an_image_of_one_tile_is_one_view(tiny_artifacts):
     onnx, image = OnnxEditPipeline(tiny_artifacts), photo(192, 128, seed=6)
     with_view, without = (edit_image(onnx, image, "x", UNGUIDED, Tiling(overview=o)) for o in (True, False))
     assert with_view.tiles == 1 and np.array_equal(np.asarray(with_view.image), np.asarray(without.image))
+
+
+@pytest.mark.slow
+def test_the_bundled_model_brightens_a_dark_2_mp_photo_as_the_whole_photo_decides(tmp_path):
+    """itsd-tiny, its defaults, a held-out photo enlarged to 2 MP and darkened: tiles alone each decide how dark
+    their piece is and stray far from the whole-photo edit (the photo at native size, enlarged); the default
+    stays within 12 levels of it in every 128-px block, and closer to the clean photo than tiles alone."""
+    from export.exporter import export_checkpoint
+    from producer.run import BUNDLED_MODEL
+    from training.degrade import low_light
+    from training.recipes.photos import PHOTOS
+    from worker.pipeline import OnnxEditPipeline
+
+    export_checkpoint(str(BUNDLED_MODEL), tmp_path / "onnx", verify_parity=False)
+    model = OnnxEditPipeline(tmp_path / "onnx")
+    clean = np.asarray(Image.fromarray(PHOTOS["chelsea"]()).resize((1731, 1151), Image.Resampling.BICUBIC))
+    settings = {"gamma": 1.8, "gain": 0.3, "photons": 500.0, "read_noise": 0.005}
+    dark = low_light(clean.astype(np.float32) / 255.0, settings, np.random.default_rng(0))
+    image = Image.fromarray(np.clip(np.round(dark * 255.0), 0, 255).astype(np.uint8))
+    instruction, params = "Brighten this dark photo", EditParams(seed=0)
+    whole = edit_image(model, image, instruction, EditParams(seed=0, max_side=256)).image
+    alone = edit_image(model, image, instruction, params, Tiling(overview=False)).image
+    default = edit_image(model, image, instruction, params).image
+
+    def luminance(picture: Image.Image) -> np.ndarray:
+        return block_means(Image.fromarray(np.asarray(picture.convert("L"))).convert("RGB"), 128)
+
+    assert np.abs(luminance(alone) - luminance(whole)).max() > 30
+    assert np.abs(luminance(default) - luminance(whole)).max() < 12
+    assert psnr(np.asarray(default), clean) > psnr(np.asarray(alone), clean)
