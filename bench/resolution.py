@@ -215,7 +215,9 @@ def side_by_side(left: np.ndarray, right: np.ndarray, whole: np.ndarray, path: P
     sheet.save(path, quality=88)
 
 
-def whole_photo(artifacts: Path, name: str, megapixels: float, figure: Path | None = None) -> dict:
+def whole_photo(
+    artifacts: Path, name: str, megapixels: float, figure: Path | None = None, tasks: tuple[str, ...] = tuple(TASKS)
+) -> dict:
     """One held-out photo enlarged to `megapixels`, per task: the new path (global view + tiles), tiles alone,
     and the whole photo at native size enlarged (`--max-side` the tile), against the clean photo (cartoonize:
     against the teacher's cartoon of it), and how far each strays from the whole-photo edit in any block. The
@@ -236,7 +238,8 @@ def whole_photo(artifacts: Path, name: str, megapixels: float, figure: Path | No
     params = EditParams(seed=0).resolve(backend.edit_defaults)
     side = backend.facts.tile_size
     rows = {}
-    for case, (degradation, instruction) in TASKS.items():
+    for case in tasks:
+        degradation, instruction = TASKS[case]
         source, target = clean, clean
         if degradation is not None:
             settings = (
@@ -326,6 +329,7 @@ def main() -> None:
     parser.add_argument("--sd15-tile", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--quality-mp", type=float, default=12.0, help="size of the per-task photos; 0: skip")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="the cases of --quality-mp to run")
     parser.add_argument("--figure", type=Path, default=None, help="write the first photo's brighten edits here")
     parser.add_argument("--child", nargs=3, metavar=("MP", "ARTIFACTS", "OVERVIEW"))
     args = parser.parse_args()
@@ -371,7 +375,13 @@ def main() -> None:
         result["whole_photo"] = {
             "megapixels": args.quality_mp,
             "photos": [
-                whole_photo(artifacts, name, args.quality_mp, args.figure if name == HELD_OUT[0] else None)
+                whole_photo(
+                    artifacts,
+                    name,
+                    args.quality_mp,
+                    args.figure if name == HELD_OUT[0] else None,
+                    tuple(args.tasks.split(",")),
+                )
                 for name in HELD_OUT
             ],
         }

@@ -7,8 +7,8 @@ decides the coarse scale: tone, colour, and whether to change at all. The tiled 
 brings everything finer. With T the tiled output, G the view's, D the view's shrink and U the enlargement back:
 
     correction = shrink(blur(G - D(T)), TOLERANCE)
-    out = T + U(correction)                         (detail = 1, the default)
-    out = detail * (T + U(correction)) + (1 - detail) * U(G)
+    trust = detail * clip(1 - |correction| / FADE, 0, 1)        (the largest of the channels)
+    out = U(trust) * (T + U(correction)) + (1 - U(trust)) * U(G)
 
 - `blur` (a Gaussian of BLUR_SIGMA view pixels): the view's finest scale is where shrinking and the model's
   own rendering disagree at every edge; it is detail, the tiles' to decide.
@@ -16,12 +16,15 @@ brings everything finer. With T the tiled output, G the view's, D the view's shr
   much is the model's own jitter between scales, and on a local repair the tiles are the more exact; where
   they disagree by more (a tile brightened a dark corner the whole photo does not call dark), the view's
   decision is taken, less the tolerance.
-Measured on itsd-tiny (`bench/resolution.py`, docs/benchmarks.md): denoising keeps the tiles' gain to
-within 0.02 dB, and a 12 MP "brighten" edit stays within a few levels of the whole-photo edit in every
-128-px block, where tiles alone went 70-100 levels off. A model that changes nothing changes nothing
-through the merge (G = D(T)). Why not "hires fix" (a tiled img2img from the enlarged view): it reaches
-the output only through the noisy latents, which a model may ignore (itsd-tiny's `conv_in` does, by
-construction), and it re-runs steps per tile; this costs one tile and a few resizes, whatever the model.
+- `trust`: a tile that decided otherwise made its detail under that decision too (its edge, its texture at
+  its own gain), so where the correction is large the tiles' detail fades out, over FADE, into the view
+  enlarged. `detail` (`--detail`, default 1) scales it for every pixel: 0 gives the view enlarged.
+Measured on itsd-tiny (`bench/resolution.py`, docs/benchmarks.md): denoising keeps the tiles' gain, and a
+12 MP "brighten" edit stays within a few levels of the whole-photo edit in every 128-px block, where tiles
+alone went 60-111 levels off. A model that changes nothing changes nothing through the merge (G = D(T)).
+Why not "hires fix" (a tiled img2img from the enlarged view): it reaches the output only through the noisy
+latents, which a model may ignore (itsd-tiny's `conv_in` does, by construction), and it re-runs steps per
+tile; this costs one tile and a few resizes, whatever the model.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ SHRINK = Image.Resampling.LANCZOS  # what `--max-side` shrinks with (core.images
 ENLARGE = Image.Resampling.BICUBIC  # smooth and local
 BLUR_SIGMA = 1.0  # view pixels
 TOLERANCE = 4 / 127.5  # 4 levels of 255, in the model's [-1, 1] pixels
+FADE = 16 / 127.5  # where the view corrects the tiles by this much more, their detail is gone too
 
 
 def view_size(height: int, width: int, tile: int) -> tuple[int, int]:
@@ -61,17 +65,19 @@ def global_view(pixels: np.ndarray, tile: int) -> np.ndarray:
 
 def merge(tiled: np.ndarray, whole: np.ndarray, tile: int, detail: float = 1.0) -> np.ndarray:
     """float32 [C, H, W] tiled output and [C, h, w] view output (still mirrored out) -> [C, H, W]: the view's
-    coarse scale with the tiles' finer one (`detail` of it). Works in place on `tiled`."""
+    coarse scale with the tiles' finer one, faded out where they decided otherwise (`detail` of it in all).
+    Works in place on `tiled`."""
     height, width = tiled.shape[1:]
     small = view_size(height, width, tile)
     view = whole[:, : small[0], : small[1]]
     correction = _blur(view - resize(tiled, *small, SHRINK), BLUR_SIGMA)
     correction = np.sign(correction) * np.maximum(np.abs(correction) - TOLERANCE, 0.0)
+    trust = np.clip(1.0 - np.abs(correction).max(axis=0, keepdims=True) / FADE, 0.0, 1.0) * np.float32(detail)
+    weight = resize(trust, height, width, ENLARGE)[0]
     for index, channel in enumerate(tiled):  # one full-size channel at a time
         channel += resize(correction[index : index + 1], height, width, ENLARGE)[0]
-        if detail < 1.0:
-            channel *= np.float32(detail)
-            channel += np.float32(1.0 - detail) * resize(view[index : index + 1], height, width, ENLARGE)[0]
+        channel *= weight
+        channel += (1.0 - weight) * resize(view[index : index + 1], height, width, ENLARGE)[0]
     return tiled
 
 
