@@ -73,11 +73,13 @@ def merge(tiled: np.ndarray, whole: np.ndarray, tile: int, detail: float = 1.0) 
     correction = _blur(view - resize(tiled, *small, SHRINK), BLUR_SIGMA)
     correction = np.sign(correction) * np.maximum(np.abs(correction) - TOLERANCE, 0.0)
     trust = np.clip(1.0 - np.abs(correction).max(axis=0, keepdims=True) / FADE, 0.0, 1.0) * np.float32(detail)
-    weight = resize(trust, height, width, ENLARGE)[0]
+    # where the view trusts the tiles everywhere (a local repair), no pixel takes the enlarged view: skip it
+    weight = resize(trust, height, width, ENLARGE)[0] if trust.min() < 1.0 else None
     for index, channel in enumerate(tiled):  # one full-size channel at a time
         channel += resize(correction[index : index + 1], height, width, ENLARGE)[0]
-        channel *= weight
-        channel += (1.0 - weight) * resize(view[index : index + 1], height, width, ENLARGE)[0]
+        if weight is not None:
+            channel *= weight
+            channel += (1.0 - weight) * resize(view[index : index + 1], height, width, ENLARGE)[0]
     return tiled
 
 
