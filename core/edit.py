@@ -5,7 +5,10 @@ model's facts. Everything else happens here, once: the model's default settings,
 input's own, unless `max_side` shrinks it), padding to the latent grid, the seed and the initial noise,
 and InstructPix2Pix's sampling loop, step for step diffusers' `StableDiffusionInstructPix2PixPipeline`:
 image latents from the VAE encoder's mode, 3-way classifier-free guidance with the batch ordered
-`[text+image, image only, neither]` and image latents `[img, img, 0]`, then the VAE decoder.
+`[text+image, image only, neither]` and image latents `[img, img, 0]`, then the VAE decoder. Two levers
+cut the UNet's work without changing that result: a copy whose weight in the guidance is zero (image
+guidance 1, or equal scales) is not computed, and `guidance_until` < 1 ends guidance early, as diffusers'
+CFG cutoff callback does: the steps after it run the text+image copy alone.
 
 The unit of compute is the tile (`core.tiles`): the VAE encodes and decodes overlapping tiles of the
 model's native size, and at every step the UNet runs on batches of latent tiles (CFG copies included),
@@ -34,6 +37,9 @@ from core.schedulers import Scheduler, make_scheduler
 from core.tiles import Canvas, Layout, Tile
 
 Progress = Callable[[int, int], None]  # (units done, units in all) after each model call on tiles
+# The copies of a guided UNet batch, in diffusers' order: the image latents are [img, img, 0], the text
+# [instruction, "", ""]. A step runs only the copies whose weight in the guidance is not zero (`guidance_copies`).
+TEXT_IMAGE, IMAGE_ONLY, NEITHER = range(3)
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class ModelFacts:
 
 
 class Backend(Protocol):
-    edit_defaults: Mapping[str, float]  # the model's own settings (`core.params`), may be empty
+    edit_defaults: Mapping[str, Any]  # the model's own settings (`core.params`), may be empty
     facts: ModelFacts
 
     def encode_text(self, text: str) -> np.ndarray:
@@ -164,7 +170,6 @@ def sample(
     pixels in about [-1, 1]. `generate` runs it for the tiles and for the global view, and merges them."""
     count = count or CallCounter(None, 0)
     facts = backend.facts
-    copies = 3 if params.guided else 1
     scheduler = _scheduler(facts, params)
 
     pixel_layout = layout.scaled(facts.vae_scale_factor)
@@ -172,26 +177,32 @@ def sample(
     for tile, pixel_tile in zip(layout.tiles, pixel_layout.tiles, strict=True):
         image_latents.add(tile, backend.encode_image(np.ascontiguousarray(pixel_tile.window(pixels)))[0])
         count.step()
-    text = backend.encode_text(instruction)
+    prompts = {TEXT_IMAGE: backend.encode_text(instruction)}
     if params.guided:
-        empty = backend.encode_text("")
-        text = np.concatenate([text, empty, empty])
-    text = np.concatenate([text] * min(tile_batch, len(layout)))
+        prompts[IMAGE_ONLY] = prompts[NEITHER] = backend.encode_text("")
+    guided, unguided = guidance_copies(params), (TEXT_IMAGE,)
+    texts = {
+        copies: np.concatenate([prompts[c] for c in copies] * min(tile_batch, len(layout)))
+        for copies in {guided, unguided}
+    }
 
     rng = np.random.default_rng(seed)
     latents = initial_latents(rng, image_latents.array.shape) * np.float32(scheduler.init_noise_sigma)
     for index, t in enumerate(scheduler.timesteps):
+        copies = guided if index < params.guided_steps else unguided
         model_input = scheduler.scale_model_input(latents, index)
         noise = Canvas(layout, facts.latent_channels)
         for group, padded in _groups(layout, tile_batch):
             samples = []
             for tile in padded:
                 tile_latents = tile.window(image_latents.array)
-                conditioning = [tile_latents, tile_latents, np.zeros_like(tile_latents)][:copies]
-                samples += [np.concatenate([tile.window(model_input), c], axis=1) for c in conditioning]
-            predicted = backend.predict_noise(np.concatenate(samples), np.full(len(samples), t, np.float32), text)
+                conditioning = (tile_latents, tile_latents, np.zeros_like(tile_latents))  # by copy
+                samples += [np.concatenate([tile.window(model_input), conditioning[c]], axis=1) for c in copies]
+            predicted = backend.predict_noise(
+                np.concatenate(samples), np.full(len(samples), t, np.float32), texts[copies]
+            )
             for tile, output in zip(group, np.split(predicted, len(padded)), strict=False):  # padding dropped
-                noise.add(tile, _guide(output, params) if params.guided else output[0])
+                noise.add(tile, _guide(dict(zip(copies, output, strict=True)), params))
             count.step()
         latents = scheduler.step(noise.array, index, latents, rng)
 
@@ -211,14 +222,32 @@ def _scheduler(facts: ModelFacts, params: EditParams) -> Scheduler:
     return scheduler
 
 
-def _guide(output: np.ndarray, params: EditParams) -> np.ndarray:
-    """3-way classifier-free guidance over one tile's [text+image, image only, neither] predictions."""
-    text_image, image_only, neither = output
-    return (
-        neither
-        + params.guidance_scale * (text_image - image_only)
-        + params.image_guidance_scale * (image_only - neither)
-    )
+def guidance_copies(params: EditParams) -> tuple[int, ...]:
+    """The copies a guided step's UNet batch holds: those whose weight in InstructPix2Pix's 3-way guidance,
+    `neither + gs (text_image - image_only) + igs (image_only - neither)`
+    `= gs text_image + (igs - gs) image_only + (1 - igs) neither`, is not zero. Image guidance 1 needs no
+    `neither` copy, equal scales no `image_only` copy; the text+image copy's weight, gs, is over 1 when guided."""
+    if not params.guided:
+        return (TEXT_IMAGE,)
+    weights = {
+        IMAGE_ONLY: params.image_guidance_scale - params.guidance_scale,
+        NEITHER: 1.0 - params.image_guidance_scale,
+    }
+    return (TEXT_IMAGE, *(copy for copy, weight in weights.items() if weight != 0.0))
+
+
+def _guide(predicted: dict[int, np.ndarray], params: EditParams) -> np.ndarray:
+    """One tile's guided noise from its copies' predictions (`guidance_copies`); a lone copy is the noise. The
+    sum runs in float64, so a copy of weight zero left out changes nothing beyond float32's last bit."""
+    text_image = predicted[TEXT_IMAGE]
+    if len(predicted) == 1:
+        return text_image
+    text_image, gs, igs = text_image.astype(np.float64), params.guidance_scale, params.image_guidance_scale
+    if len(predicted) == 2:  # the 3-way formula with the copy of weight 0 gone: base + gs (text_image - base)
+        base = predicted.get(IMAGE_ONLY, predicted.get(NEITHER)).astype(np.float64)
+        return (base + gs * (text_image - base)).astype(np.float32)
+    image_only, neither = predicted[IMAGE_ONLY].astype(np.float64), predicted[NEITHER].astype(np.float64)
+    return (neither + gs * (text_image - image_only) + igs * (image_only - neither)).astype(np.float32)
 
 
 def _groups(layout: Layout, size: int) -> Iterator[tuple[list[Tile], list[Tile]]]:

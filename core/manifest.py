@@ -153,7 +153,7 @@ class Manifest:
     components: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {file, inputs, outputs}
     tensorrt_profiles: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
     parity: Parity | None = None
-    edit_defaults: dict[str, float] = field(default_factory=dict)  # the checkpoint's edit_defaults.json
+    edit_defaults: dict[str, Any] = field(default_factory=dict)  # the checkpoint's edit_defaults.json
     native_size: int | None = None  # px the UNet was made for (sample size x VAE scale); None: exported before tiling
     schema_version: int = MANIFEST_VERSION
 

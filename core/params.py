@@ -33,12 +33,19 @@ PROJECT_DEFAULTS: dict[str, float] = {
     "guidance_scale": 7.0,  # text guidance
     "image_guidance_scale": 1.5,  # how closely the output follows the input image
     "detail": 1.0,  # of the tiled pass's finer scale on top of the whole photo's view (core.overview): all of it
+    "guidance_until": 1.0,  # the fraction of the steps that run classifier-free guidance: all of them
 }
-MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side")  # what a model's edit_defaults.json may set
+# What a model's edit_defaults.json may set: a few-step model (an LCM-LoRA fused in) carries its sampler too.
+MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side", "scheduler")
 
 
 _WHOLE = ("steps", "seed", "max_side")  # EditParams fields that must be integers (bools are not)
-_NUMBERS = ("guidance_scale", "image_guidance_scale", "detail")  # and those that must be finite numbers
+_NUMBERS = (
+    "guidance_scale",
+    "image_guidance_scale",
+    "detail",
+    "guidance_until",
+)  # and those that must be finite numbers
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class EditParams:
     # defaults set one; else the longest side it works at, the output resized back to the input's size
     detail: float | None = None  # 0..1: how much of the tiles' finer scale an image of several tiles takes on top
     # of its global view (0: the view enlarged); None: the model's default, else 1
+    guidance_until: float | None = None  # 0..1: the fraction of the steps, from the first, that run guided; the
+    # rest run the text+image copy alone (a third of a 3-copy step's UNet work); None: the model's default, else 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,16 +84,17 @@ class EditParams:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             problems.append(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        if self.detail is not None and not 0.0 <= self.detail <= 1.0:
-            problems.append(f"detail must be 0..1, got {self.detail}")
+        for name in ("detail", "guidance_until"):
+            if (value := getattr(self, name)) is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"{name} must be 0..1, got {value}")
         if self.max_side is not None and not LATENT_MULTIPLE <= self.max_side <= MAX_SIDE:
             problems.append(f"max_side must be {LATENT_MULTIPLE}..{MAX_SIDE}, got {self.max_side}")
         if problems:
             raise InvalidParameters("; ".join(problems))
 
-    def resolve(self, model_defaults: Mapping[str, float]) -> EditParams:
+    def resolve(self, model_defaults: Mapping[str, Any]) -> EditParams:
         """These parameters with every unset one taken from the model's defaults, else the project's."""
-        chosen = {**PROJECT_DEFAULTS, "max_side": None, **model_defaults}
+        chosen = {**PROJECT_DEFAULTS, "max_side": None, "scheduler": None, **model_defaults}
         return replace(self, **{name: chosen[name] for name in MODEL_DEFAULTS if getattr(self, name) is None})
 
     @property
@@ -93,6 +103,14 @@ class EditParams:
         if self.guidance_scale is None or self.image_guidance_scale is None:
             raise ValueError("guidance is unresolved: call EditParams.resolve first")
         return self.guidance_scale > 1.0 and self.image_guidance_scale >= 1.0
+
+    @property
+    def guided_steps(self) -> int:
+        """How many of the steps, from the first, run guided (all of them unless `guidance_until` < 1; none when
+        unguided); resolved params only. A fraction of the steps is rounded up: 0.4 of 20 is 8, 0.3 of 4 is 2."""
+        if self.steps is None or self.guidance_until is None:
+            raise ValueError("steps are unresolved: call EditParams.resolve first")
+        return math.ceil(round(self.guidance_until * self.steps, 6)) if self.guided else 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,9 +124,8 @@ class EditParams:
         return cls(**data)
 
 
-def check_edit_defaults(data: Any, where: str) -> dict[str, float]:
-    """A model's edit defaults, validated: only steps, the two guidance scales, detail and max_side, with valid
-    values."""
+def check_edit_defaults(data: Any, where: str) -> dict[str, Any]:
+    """A model's edit defaults, validated: only the fields of `MODEL_DEFAULTS`, with valid values."""
     if not isinstance(data, dict):
         raise InvalidModel(f"{where}: edit defaults must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(MODEL_DEFAULTS))
@@ -123,7 +140,7 @@ def check_edit_defaults(data: Any, where: str) -> dict[str, float]:
     return dict(data)
 
 
-def read_edit_defaults(checkpoint: Path) -> dict[str, float]:
+def read_edit_defaults(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint folder's `edit_defaults.json`, validated; {} when it has none."""
     path = checkpoint / EDIT_DEFAULTS_FILE
     if not path.is_file():

@@ -8,8 +8,9 @@ instead: the untiled reference the loop is held to on a single-tile probe.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ def native_size(pipe) -> int:  # noqa: ANN001 (diffusers IP2P pipeline)
 
 
 class TorchEditPipeline:
-    def __init__(self, pipe, edit_defaults: Mapping[str, float]) -> None:  # noqa: ANN001 (diffusers IP2P pipeline)
+    def __init__(self, pipe, edit_defaults: Mapping[str, Any]) -> None:  # noqa: ANN001 (diffusers IP2P pipeline)
         self.pipe = pipe
         self.edit_defaults = edit_defaults
         self.pipe.set_progress_bar_config(disable=True)
@@ -69,7 +70,8 @@ def diffusers_generate(
     backend: TorchEditPipeline, pixels: np.ndarray, instruction: str, params: EditParams, seed: int
 ) -> np.ndarray:
     """diffusers' own pipeline, untiled: float32 [1, 3, H, W] in [-1, 1] -> uint8 [H, W, 3]; `params` resolved.
-    Its initial latents come from `core.edit.initial_latents`, so a seed means the loop's start."""
+    Its initial latents come from `core.edit.initial_latents`, so a seed means the loop's start; a guidance
+    cutoff (`guidance_until` < 1) is a step-end callback, as diffusers' `SDCFGCutoffCallback` makes one."""
     pipe = backend.pipe
     pipe.scheduler = backend._default_scheduler
     if params.scheduler is not None:
@@ -82,10 +84,26 @@ def diffusers_generate(
         instruction,
         image=torch.from_numpy((pixels + 1.0) / 2.0),  # diffusers wants [0, 1] tensors
         num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale,
+        guidance_scale=params.guidance_scale if params.guided_steps else 1.0,  # guided for no step: not at all
         image_guidance_scale=params.image_guidance_scale,
         latents=torch.from_numpy(initial_latents(rng, shape)),
         generator=torch.Generator().manual_seed(int(rng.integers(2**63))),  # ancestral noise only
+        callback_on_step_end=guidance_cutoff(params.guided_steps) if params.guided_steps < params.steps else None,
+        callback_on_step_end_tensor_inputs=["prompt_embeds", "image_latents"],
         output_type="np",
     ).images[0]
     return (output * 255.0).round().astype(np.uint8)
+
+
+def guidance_cutoff(guided_steps: int) -> Callable[..., dict[str, torch.Tensor]]:
+    """A step-end callback for diffusers' InstructPix2Pix pipeline that ends guidance after `guided_steps` steps
+    (at least one: diffusers calls it after a step): from then on its UNet batch is the text+image copy alone,
+    as in `core.edit`. `SDCFGCutoffCallback` does this for text-to-image pipelines, whose copies differ."""
+
+    def cutoff(pipe, step_index: int, timestep: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict:  # noqa: ANN001
+        if step_index == guided_steps - 1:
+            pipe._guidance_scale = 1.0  # diffusers guides only above 1
+            return {name: tensor[:1] for name, tensor in tensors.items()}  # [text+image, image only, neither]
+        return tensors
+
+    return cutoff

@@ -65,6 +65,14 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "change) and in tiles at its own size: how much of the tiles' finer detail to add (0: the whole view "
             f"enlarged). {_model_default('detail')}",
         ),
+        click.option(
+            "--guidance-until",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="The fraction of the steps, from the first, that run classifier-free guidance; the rest run one "
+            "UNet copy instead of three (0.4 of 20 steps: 36 UNet evaluations instead of 60). "
+            f"{_model_default('guidance_until')}",
+        ),
     ]
 
     @functools.wraps(command)
@@ -77,10 +85,13 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         scheduler: str | None,
         max_side: int | None,
         detail: float | None,
+        guidance_until: float | None,
         **kwargs: Any,
     ) -> Any:
         try:
-            params = EditParams(steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail)
+            params = EditParams(
+                steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail, guidance_until
+            )
         except InvalidParameters as exc:
             raise click.BadParameter(str(exc)) from None
         return command(*args, params=params, **kwargs)

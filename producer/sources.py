@@ -3,8 +3,8 @@ from files, folders, globs, URLs or manifests.
 
 A manifest is a `.csv` or `.jsonl` file whose rows name an `input` (a path relative to the manifest, or
 a URL) and may set `instruction`, `output` (the key under the destination) and any edit parameter
-(`steps`, `guidance_scale`, `image_guidance_scale`, `seed`, `scheduler`, `max_side`, `detail`), overriding the
-command line's for that row. A row that is wrong fails alone, with its line number.
+(`steps`, `guidance_scale`, `image_guidance_scale`, `seed`, `scheduler`, `max_side`, `detail`,
+`guidance_until`), overriding the command line's for that row. A row that is wrong fails alone, with its line number.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ PARAM_PARSERS = {
     "scheduler": str,
     "max_side": int,
     "detail": float,
+    "guidance_until": float,
 }
 
 

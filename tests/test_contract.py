@@ -30,8 +30,10 @@ def test_a_model_may_ask_for_a_working_size_and_a_command_may_override_it():
 
 def test_unset_settings_come_from_the_model_and_set_ones_win():
     model = {"guidance_scale": 1.0, "image_guidance_scale": 1.2}
-    assert EditParams(seed=4).resolve(model) == EditParams(20, 1.0, 1.2, seed=4, detail=1.0)
-    assert EditParams(steps=3, guidance_scale=5.0).resolve(model) == EditParams(3, 5.0, 1.2, detail=1.0)
+    assert EditParams(seed=4).resolve(model) == EditParams(20, 1.0, 1.2, seed=4, detail=1.0, guidance_until=1.0)
+    assert EditParams(steps=3, guidance_scale=5.0).resolve(model) == EditParams(
+        3, 5.0, 1.2, detail=1.0, guidance_until=1.0
+    )
     with pytest.raises(ValueError, match="resolve"):
         _ = EditParams().guided  # a backend must never guess
 
@@ -46,12 +48,22 @@ def test_unset_settings_come_from_the_model_and_set_ones_win():
         ({"steps": 0}, "steps must be 1..1000"),
         ({"max_side": 255.5}, "max_side must be an integer"),
         ({"max_side": 16}, "max_side must be 64"),
+        ({"guidance_until": 1.5}, "guidance_until must be 0..1"),
+        ({"scheduler": "plms"}, "unknown scheduler 'plms'"),
         ([1.0], "must be a JSON object"),
     ],
 )
 def test_a_models_bad_edit_defaults_are_refused_by_name(data, reason):
     with pytest.raises(InvalidModel, match=reason):
         check_edit_defaults(data, "ckpt/edit_defaults.json")
+
+
+def test_a_fast_models_defaults_carry_its_sampler_and_guidance_cutoff():
+    model = check_edit_defaults({"steps": 4, "scheduler": "euler", "guidance_until": 0.5}, "ckpt/edit_defaults.json")
+    resolved = EditParams().resolve(model)
+    assert (resolved.steps, resolved.scheduler, resolved.guidance_until) == (4, "euler", 0.5)
+    assert EditParams(scheduler="ddim", guidance_until=1.0).resolve(model).scheduler == "ddim"
+    assert EditParams().resolve({}).scheduler is None  # the checkpoint's own sampler
 
 
 def test_edit_defaults_file_is_optional_and_checked(tmp_path):
@@ -133,8 +145,9 @@ def test_job_ids_change_with_anything_that_changes_the_output_or_where_it_goes()
         job_id_for("abc", "Cartoonize", EditParams(seed=2), "m1", "a.png"),
         job_id_for("abc", "Cartoonize", EditParams(seed=1), "m2", "a.png"),
         job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1", "copy/a.png"),  # the same bytes elsewhere
+        job_id_for("abc", "Cartoonize", EditParams(seed=1, guidance_until=0.4), "m1", "a.png"),
     }
-    assert len(others | {base}) == 6
+    assert len(others | {base}) == 7
 
 
 def test_settings_read_the_environment():
