@@ -123,7 +123,7 @@ def test_dpm_multistep_matches_diffusers(solver_order, solver_type, spacing, pre
 @pytest.mark.parametrize("prediction_type", [*PREDICTIONS, "sample"])
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_lcm_matches_diffusers(spacing, prediction_type, steps):
-    # LCM picks its steps from the distillation schedule: diffusers takes timestep_spacing and ignores it, as the port.
+    # LCM takes its steps from the distillation schedule: diffusers reads no timestep_spacing, nor does the port.
     config = {**IP2P_CONFIG, "timestep_spacing": spacing, "prediction_type": prediction_type}
     assert_matches_diffusers("lcm", steps, config)
 
