@@ -24,6 +24,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "dpm-multistep": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",  # for LCM-distilled weights (an LCM-LoRA fused in): a few steps, low guidance
 }
 LATENT_MULTIPLE = 64  # working images are padded to multiples of 64: the UNet halves the 1/8 latent three times
 MAX_SIDE = 65_536  # --max-side's ceiling; the pixel limit (ITSD_MAX_PIXELS) is what bounds an image

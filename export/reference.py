@@ -3,21 +3,48 @@
 `itsd edit --backend torch` runs `core.edit`'s tiled loop over the checkpoint's own torch modules, so it
 gives the ONNX backend's image (same tiles, noise and schedulers); export's parity check compares the two
 on a multi-tile probe. `diffusers_generate` runs diffusers' own `StableDiffusionInstructPix2PixPipeline`
-instead: the untiled reference the loop is held to on a single-tile probe.
+instead: the untiled reference the loop is held to on a single-tile probe, with the loop's noise throughout
+(`numpy_noise`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from core.edit import ModelFacts, initial_latents
 from core.params import SCHEDULERS, EditParams, read_edit_defaults
 from export.checkpoint import load_pipeline, resolve
+
+# The diffusers modules of ported schedulers whose `step` draws fresh noise, each through its own `randn_tensor`.
+_NOISY_SCHEDULERS = (scheduling_euler_ancestral_discrete, scheduling_lcm)
+_NOISE_PATCH = threading.Lock()  # the patch is process-wide: one holder at a time
+
+
+@contextmanager
+def numpy_noise(rng: np.random.Generator) -> Iterator[None]:
+    """While open, diffusers' noisy schedulers draw each step's noise from `rng` as `core.edit`'s loop does:
+    float32 standard normals of the model output's shape, in step order. Other threads that open it wait."""
+
+    def draw(shape: tuple[int, ...], dtype: torch.dtype | None = None, **_: object) -> torch.Tensor:
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(dtype or torch.float32)
+
+    with _NOISE_PATCH:
+        originals = [module.randn_tensor for module in _NOISY_SCHEDULERS]
+        for module in _NOISY_SCHEDULERS:
+            module.randn_tensor = draw
+        try:
+            yield
+        finally:
+            for module, original in zip(_NOISY_SCHEDULERS, originals, strict=True):
+                module.randn_tensor = original
 
 
 def native_size(pipe) -> int:  # noqa: ANN001 (diffusers IP2P pipeline)
@@ -70,7 +97,8 @@ def diffusers_generate(
     backend: TorchEditPipeline, pixels: np.ndarray, instruction: str, params: EditParams, seed: int
 ) -> np.ndarray:
     """diffusers' own pipeline, untiled: float32 [1, 3, H, W] in [-1, 1] -> uint8 [H, W, 3]; `params` resolved.
-    Its initial latents come from `core.edit.initial_latents`, so a seed means the loop's start; a guidance
+    Its initial latents come from `core.edit.initial_latents` and its schedulers' per-step noise from the same
+    generator after them, so a seed means the loop's noise, ancestral and LCM sampling included. A guidance
     cutoff (`guidance_until` < 1) is a step-end callback, as diffusers' `SDCFGCutoffCallback` makes one."""
     pipe = backend.pipe
     pipe.scheduler = backend._default_scheduler
@@ -80,18 +108,19 @@ def diffusers_generate(
         pipe.scheduler = getattr(diffusers, SCHEDULERS[params.scheduler]).from_config(pipe.scheduler.config)
     rng = np.random.default_rng(seed)
     shape = (1, backend.facts.latent_channels, *(side // pipe.vae_scale_factor for side in pixels.shape[2:]))
-    output = pipe(
-        instruction,
-        image=torch.from_numpy((pixels + 1.0) / 2.0),  # diffusers wants [0, 1] tensors
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale if params.guided_steps else 1.0,  # guided for no step: not at all
-        image_guidance_scale=params.image_guidance_scale,
-        latents=torch.from_numpy(initial_latents(rng, shape)),
-        generator=torch.Generator().manual_seed(int(rng.integers(2**63))),  # ancestral noise only
-        callback_on_step_end=guidance_cutoff(params.guided_steps) if params.guided_steps < params.steps else None,
-        callback_on_step_end_tensor_inputs=["prompt_embeds", "image_latents"],
-        output_type="np",
-    ).images[0]
+    latents = torch.from_numpy(initial_latents(rng, shape))
+    with numpy_noise(rng):
+        output = pipe(
+            instruction,
+            image=torch.from_numpy((pixels + 1.0) / 2.0),  # diffusers wants [0, 1] tensors
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance_scale if params.guided_steps else 1.0,  # guided for no step: not at all
+            image_guidance_scale=params.image_guidance_scale,
+            latents=latents,
+            callback_on_step_end=guidance_cutoff(params.guided_steps) if params.guided_steps < params.steps else None,
+            callback_on_step_end_tensor_inputs=["prompt_embeds", "image_latents"],
+            output_type="np",
+        ).images[0]
     return (output * 255.0).round().astype(np.uint8)
 
 

@@ -32,7 +32,7 @@ def photos(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm-multistep"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm-multistep", "lcm"])
 @pytest.mark.parametrize("guidance", [("7.0", "1.5"), ("1.0", "1.0")])
 def test_onnx_and_torch_backends_give_the_same_image_for_a_seed(
     tiny_checkpoint, tiny_artifacts, photos, tmp_path, scheduler, guidance

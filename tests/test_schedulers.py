@@ -14,12 +14,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
 )
-from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from core.errors import InvalidModel, InvalidParameters
 from core.params import SCHEDULERS
 from core.schedulers import make_scheduler
+from export.reference import numpy_noise
 
 # timbrooks/instruct-pix2pix's scheduler_config.json (Stable Diffusion 1.5's betas), with its spacing made explicit.
 IP2P_CONFIG = {
@@ -39,7 +40,13 @@ IP2P_CONFIG = {
 }
 DIFFUSERS = {
     cls.__name__: cls
-    for cls in (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler)
+    for cls in (
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+    )
 }
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 SPACINGS = ["leading", "linspace", "trailing"]
@@ -58,7 +65,7 @@ def fake_model(sample: np.ndarray, step_index: int) -> np.ndarray:
     return (0.3 * sample + 0.1 * np.sin(step_index + sample)).astype(np.float32)
 
 
-def assert_matches_diffusers(monkeypatch, name: str, steps: int, config: dict) -> None:
+def assert_matches_diffusers(name: str, steps: int, config: dict) -> None:
     """Run a full denoising loop on diffusers' scheduler and on the port; compare every intermediate."""
     tol = ZERO_SNR_TOL if config.get("rescale_betas_zero_snr") else TOL
     theirs = DIFFUSERS[SCHEDULERS[name]].from_config(config)
@@ -70,13 +77,8 @@ def assert_matches_diffusers(monkeypatch, name: str, steps: int, config: dict) -
     np.testing.assert_allclose(mine.timesteps, theirs.timesteps.numpy().astype(np.float32), rtol=1e-6, atol=0)
     np.testing.assert_allclose(mine.init_noise_sigma, float(theirs.init_noise_sigma), rtol=1e-6)
 
-    # Both sides draw ancestral noise from identically seeded numpy generators.
+    # Both sides draw per-step noise (ancestral, LCM) from identically seeded numpy generators.
     their_rng, my_rng = np.random.default_rng(7), np.random.default_rng(7)
-    monkeypatch.setattr(
-        scheduling_euler_ancestral_discrete,
-        "randn_tensor",
-        lambda shape, **_: torch.from_numpy(their_rng.standard_normal(shape, dtype=np.float32)),
-    )
     noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
     mine_x = noise * np.float32(mine.init_noise_sigma)
     their_x = torch.from_numpy(mine_x.copy())
@@ -85,18 +87,20 @@ def assert_matches_diffusers(monkeypatch, name: str, steps: int, config: dict) -
         their_in = theirs.scale_model_input(their_x, t).numpy()
         np.testing.assert_allclose(my_in, their_in, **tol, err_msg=f"scale_model_input at step {i}")
         mine_x = mine.step(fake_model(my_in, i), i, mine_x, my_rng)
-        their_x = theirs.step(torch.from_numpy(fake_model(their_in, i)), t, their_x).prev_sample
+        with numpy_noise(their_rng):
+            their_x = theirs.step(torch.from_numpy(fake_model(their_in, i)), t, their_x).prev_sample
         assert mine_x.dtype == np.float32
         np.testing.assert_allclose(mine_x, their_x.numpy(), **tol, err_msg=f"prev_sample at step {i}")
+    assert my_rng.random() == their_rng.random()  # as many draws on both sides
 
 
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("name", ["euler-ancestral", "euler", "ddim"])
-def test_single_step_schedulers_match_diffusers(monkeypatch, name, spacing, prediction_type, steps):
+def test_single_step_schedulers_match_diffusers(name, spacing, prediction_type, steps):
     config = {**IP2P_CONFIG, "timestep_spacing": spacing, "prediction_type": prediction_type}
-    assert_matches_diffusers(monkeypatch, name, steps, config)
+    assert_matches_diffusers(name, steps, config)
 
 
 @pytest.mark.parametrize("steps", STEPS)
@@ -104,7 +108,7 @@ def test_single_step_schedulers_match_diffusers(monkeypatch, name, spacing, pred
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 @pytest.mark.parametrize("solver_order", [1, 2, 3])
-def test_dpm_multistep_matches_diffusers(monkeypatch, solver_order, solver_type, spacing, prediction_type, steps):
+def test_dpm_multistep_matches_diffusers(solver_order, solver_type, spacing, prediction_type, steps):
     config = {
         **IP2P_CONFIG,
         "solver_order": solver_order,
@@ -112,7 +116,16 @@ def test_dpm_multistep_matches_diffusers(monkeypatch, solver_order, solver_type,
         "timestep_spacing": spacing,
         "prediction_type": prediction_type,
     }
-    assert_matches_diffusers(monkeypatch, "dpm-multistep", steps, config)
+    assert_matches_diffusers("dpm-multistep", steps, config)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("prediction_type", [*PREDICTIONS, "sample"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_lcm_matches_diffusers(spacing, prediction_type, steps):
+    # LCM takes its steps from the distillation schedule: diffusers reads no timestep_spacing, nor does the port.
+    config = {**IP2P_CONFIG, "timestep_spacing": spacing, "prediction_type": prediction_type}
+    assert_matches_diffusers("lcm", steps, config)
 
 
 @pytest.mark.parametrize("steps", [5, 20])
@@ -133,20 +146,24 @@ def test_dpm_multistep_matches_diffusers(monkeypatch, solver_order, solver_type,
         ("dpm-multistep", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
         ("dpm-multistep", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}),
         ("dpm-multistep", {"prediction_type": "sample"}),
-        *((name, ZERO_SNR) for name in ("euler", "euler-ancestral", "ddim", "dpm-multistep")),
+        ("lcm", {"clip_sample": True, "clip_sample_range": 0.5}),
+        ("lcm", {"original_inference_steps": 30}),  # a stride (33) that does not divide the 1000 training steps
+        ("lcm", {"timestep_scaling": 0.05}),  # the sample itself (c_skip) weighs in at every step, not just the last
+        ("lcm", {"set_alpha_to_one": True, "steps_offset": 0}),  # keys diffusers' LCMScheduler takes and ignores
+        *((name, ZERO_SNR) for name in ("euler", "euler-ancestral", "ddim", "dpm-multistep", "lcm")),
         ("euler", {**ZERO_SNR, "timestep_spacing": "leading"}),
     ],
 )
-def test_other_supported_settings_match_diffusers(monkeypatch, name, overrides, steps):
-    assert_matches_diffusers(monkeypatch, name, steps, {**IP2P_CONFIG, **overrides})
+def test_other_supported_settings_match_diffusers(name, overrides, steps):
+    assert_matches_diffusers(name, steps, {**IP2P_CONFIG, **overrides})
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_keys_missing_from_the_config_take_each_class_own_defaults(monkeypatch, name):
+def test_keys_missing_from_the_config_take_each_class_own_defaults(name):
     # No timestep_spacing, clip_sample or set_alpha_to_one: each class falls back to its own defaults, as in diffusers.
     shared = ("_class_name", "beta_end", "beta_schedule", "beta_start", "steps_offset")
     config = {key: IP2P_CONFIG[key] for key in shared}
-    assert_matches_diffusers(monkeypatch, name, 10, config)
+    assert_matches_diffusers(name, 10, config)
 
 
 def test_no_name_picks_the_configs_own_class():
@@ -169,6 +186,8 @@ def test_every_cli_scheduler_name_has_a_port():
         ("dpm-multistep", "algorithm_type", "sde-dpmsolver++"),
         ("dpm-multistep", "use_lu_lambdas", True),
         ("dpm-multistep", "final_sigmas_type", "denoised"),
+        ("lcm", "thresholding", True),
+        ("lcm", "original_inference_steps", 2000),
         ("euler", "timestep_spacing", "quadratic"),
         ("ddim", "beta_schedule", "sqrt"),
     ],
@@ -176,6 +195,13 @@ def test_every_cli_scheduler_name_has_a_port():
 def test_an_unported_setting_is_refused_naming_its_key(name, key, value):
     with pytest.raises(InvalidModel, match=key):
         make_scheduler({**IP2P_CONFIG, key: value}, name)
+
+
+def test_lcm_refuses_more_steps_than_the_schedule_it_was_distilled_on():
+    scheduler = make_scheduler({**IP2P_CONFIG, "original_inference_steps": 8}, "lcm")
+    scheduler.set_timesteps(8)
+    with pytest.raises(InvalidParameters, match="at most 8 steps"):
+        scheduler.set_timesteps(9)
 
 
 def test_a_setting_the_class_does_not_take_is_ignored():

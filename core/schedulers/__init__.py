@@ -16,6 +16,7 @@ from core.params import SCHEDULERS
 from core.schedulers.ddim import DDIMScheduler
 from core.schedulers.dpm import DPMSolverMultistepScheduler
 from core.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from core.schedulers.lcm import LCMScheduler
 
 
 class Scheduler(Protocol):
@@ -42,7 +43,13 @@ class Scheduler(Protocol):
 # diffusers class name -> port; core.params.SCHEDULERS maps the CLI names onto these.
 _CLASSES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
     cls.CLASS_NAME: cls
-    for cls in (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler)
+    for cls in (
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+    )
 }
 
 
