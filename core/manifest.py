@@ -182,6 +182,11 @@ class Manifest:
             identity = hashlib.sha256(fused.encode()).hexdigest()
         return f"{identity[:16]}-{self.dtype}"
 
+    @property
+    def lora_summary(self) -> str:
+        """The fused LoRAs in one phrase ("LoRA a.safetensors x1, LoRA b.safetensors x0.5"); "" when none."""
+        return ", ".join(f"LoRA {lora.file} x{lora.scale:g}" for lora in self.loras)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

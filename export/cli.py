@@ -75,8 +75,5 @@ def export(
     )
     parity = manifest.parity
     checked = f"parity {parity.psnr_db:.1f} dB, max diff {parity.max_abs_diff:.0f}/255" if parity else "not verified"
-    fused = "".join(f", LoRA {lora.file} x{lora.scale:g}" for lora in manifest.loras)
-    click.echo(
-        f"exported {source} -> {out} ({dtype}{fused}, {checked}, model {manifest.model_id}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    facts = ", ".join(filter(None, (dtype, manifest.lora_summary, checked, f"model {manifest.model_id}")))
+    click.echo(f"exported {source} -> {out} ({facts}) in {time.perf_counter() - start:.1f} s")

@@ -31,8 +31,9 @@ KOHYA_MATRICES = {"lora_A": "lora_down", "lora_B": "lora_up"}
 
 
 def to_kohya(diffusers_file: Path, out: Path) -> Path:
-    """The same LoRA in kohya's format: `lora_unet_<module_with_underscores>.lora_down/lora_up.weight` and
-    `.alpha` (the rank: the scaling diffusers assumes when a file has none), `lora_te_` for the text encoder."""
+    """The same LoRA in kohya's format: `lora_unet_<module_with_underscores>.lora_down/lora_up.weight`, `lora_te_`
+    for the text encoder, and `.alpha` half the rank (the diffusers file has none: alpha = rank), so at scale 1 it
+    is the diffusers file at scale 0.5."""
     tensors = {}
     for key, value in load_file(diffusers_file).items():
         module, _, kind = key.removesuffix(".weight").rpartition(".")
@@ -40,7 +41,7 @@ def to_kohya(diffusers_file: Path, out: Path) -> Path:
         name = KOHYA_PREFIXES[component] + path.replace(".", "_")
         tensors[f"{name}.{KOHYA_MATRICES[kind]}.weight"] = value
         if kind == "lora_A":
-            tensors[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+            tensors[f"{name}.alpha"] = torch.tensor(value.shape[0] / 2)
     save_file(tensors, out)
     return out
 
@@ -117,11 +118,13 @@ def test_kohya_and_diffusers_formats_fuse_to_the_same_weights_in_the_unet_and_te
     kohya = to_kohya(lora_file, tmp_path / "kohya.safetensors")
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in load_file(kohya))
     assert all(changed(lora_weights, base_weights).values())  # UNet and text encoder both
+    from_diffusers = fused_weights(tiny_checkpoint, [(lora_file, 0.5)])
     from_kohya = fused_weights(tiny_checkpoint, [(kohya, 1.0)])
-    for component, tensors in lora_weights.items():
+    for component, tensors in from_diffusers.items():
         assert sorted(tensors) == sorted(from_kohya[component])  # plain modules again: nothing left of PEFT
         for key, tensor in tensors.items():
             torch.testing.assert_close(from_kohya[component][key], tensor, rtol=0, atol=1e-6)
+    assert all(changed(from_diffusers, lora_weights).values())  # the scale (and kohya's alpha) took effect
 
 
 def test_a_lora_at_scale_zero_is_the_checkpoint_and_loras_fuse_in_order(
@@ -143,6 +146,7 @@ def test_the_loras_and_their_scales_are_the_models_identity_and_old_manifests_st
     with_one = dataclasses.replace(plain, loras=(one,))
     assert Manifest.from_dict(json.loads(with_one.to_json())) == with_one
     assert with_one.model_id != plain.model_id
+    assert with_one.lora_summary == "LoRA lcm.safetensors x1" and plain.lora_summary == ""
     assert dataclasses.replace(plain, loras=(Lora("renamed.safetensors", "a" * 64, 1.0),)).model_id == with_one.model_id
     other_ids = {
         dataclasses.replace(plain, loras=loras).model_id
