@@ -37,7 +37,7 @@ def export_checkpoint(
     verify_parity: bool = True,
     overwrite: bool = False,
     report: Callable[[str], None] = log.info,
-    loras: Sequence[tuple[Path, float]] = (),
+    loras: Sequence[tuple[Path | str, float]] = (),
 ) -> Manifest:
     """Export `source` to `out`, with `loras` (file, scale) fused into its weights in order; the parity check
     compares with the same fused pipeline."""

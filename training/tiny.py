@@ -164,8 +164,10 @@ def build_tiny_checkpoint(out: Path, seed: int = 0, unet_in_channels: int = 8, p
 
 # What a random LoRA adapts: every attention projection, the transformer blocks' convs and feed-forward, the
 # ResNets' convs and time projections (as LCM-LoRA does); in the text encoder, the attention projections.
-LORA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-LORA_UNET_TARGETS += ("conv1", "conv2", "time_emb_proj")
+LORA_UNET_TARGETS = (
+    *("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    *("conv1", "conv2", "time_emb_proj"),
+)
 LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -187,8 +189,9 @@ def write_random_lora(checkpoint: Path, path: Path, rank: int = 4, seed: int = 0
 
 
 def _random_lora(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> dict[str, torch.Tensor]:
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # the export extra's (LoRAs are fused at export)
     from peft.utils import get_peft_model_state_dict
 
+    # init_lora_weights=False: B random too (PEFT's default zero B would make a LoRA that changes nothing)
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(targets))
     return get_peft_model_state_dict(inject_adapter_in_model(config, model))
