@@ -134,9 +134,18 @@ class Parity:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA fused into the exported weights (`itsd export --lora`)."""
+
+    file: str  # its file name, as given
+    sha256: str  # of its bytes: with the scale, part of the model's identity (the name is not)
+    scale: float
+
+
+@dataclass(frozen=True)
 class Manifest:
     source: str  # checkpoint path or Hub id as given
-    source_hash: str  # sha256 over the checkpoint's files: the model's identity
+    source_hash: str  # sha256 over the checkpoint's files: with the LoRAs, the model's identity
     dtype: str  # "fp32" or "fp16" (the UNet and text encoder; see component_dtypes)
     component_dtypes: dict[str, str]
     opset: int
@@ -155,6 +164,7 @@ class Manifest:
     parity: Parity | None = None
     edit_defaults: dict[str, Any] = field(default_factory=dict)  # the checkpoint's edit_defaults.json
     native_size: int | None = None  # px the UNet was made for (sample size x VAE scale); None: exported before tiling
+    loras: tuple[Lora, ...] = ()  # fused into the UNet and text encoder at export, in this order
     schema_version: int = MANIFEST_VERSION
 
     @property
@@ -164,8 +174,18 @@ class Manifest:
 
     @property
     def model_id(self) -> str:
-        """Identity of the served model: the checkpoint's content and the export's dtype."""
-        return f"{self.source_hash[:16]}-{self.dtype}"
+        """Identity of the served model: the checkpoint's content, the LoRAs fused into it (content, scale and
+        order) and the export's dtype. Without LoRAs it is what it was before LoRAs were recorded."""
+        identity = self.source_hash
+        if self.loras:
+            fused = json.dumps([self.source_hash, *((lora.sha256, lora.scale) for lora in self.loras)])
+            identity = hashlib.sha256(fused.encode()).hexdigest()
+        return f"{identity[:16]}-{self.dtype}"
+
+    @property
+    def lora_summary(self) -> str:
+        """The fused LoRAs in one phrase ("LoRA a.safetensors x1, LoRA b.safetensors x0.5"); "" when none."""
+        return ", ".join(f"LoRA {lora.file} x{lora.scale:g}" for lora in self.loras)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -188,6 +208,7 @@ class Manifest:
                     **data,
                     "parity": None if parity is None else Parity(**{**parity, "size": tuple(parity["size"])}),
                     "edit_defaults": defaults,
+                    "loras": tuple(Lora(**lora) for lora in data.get("loras", ())),
                 }
             )
         except TypeError as exc:

@@ -77,5 +77,10 @@ def load_pipeline(folder: Path):  # noqa: ANN201 (diffusers type; imported lazil
             folder, use_safetensors=True, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModel(f"{folder}: cannot load checkpoint: {first_line}") from None
+        raise InvalidModel(f"{folder}: cannot load checkpoint: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """A library error in one line (diffusers' run to pages), or its type when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,7 +10,7 @@ import copy
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,10 @@ import onnxruntime
 import torch
 
 from core.errors import ExportFailed, ParityError
-from core.manifest import COMPONENTS, TOKENIZER_DIR, TRT_SIDE, Manifest, TensorSpec, checkpoint_hash
+from core.manifest import COMPONENTS, TOKENIZER_DIR, TRT_SIDE, Lora, Manifest, TensorSpec, checkpoint_hash
 from core.params import read_edit_defaults
 from core.storage import usual_mode
-from export import checkpoint, verify
+from export import checkpoint, lora, verify
 from export.components import OPSET, example_inputs, export_component, model_dims, wrap
 from export.reference import TorchEditPipeline, native_size
 
@@ -37,9 +37,14 @@ def export_checkpoint(
     verify_parity: bool = True,
     overwrite: bool = False,
     report: Callable[[str], None] = log.info,
+    loras: Sequence[tuple[Path | str, float]] = (),
 ) -> Manifest:
+    """Export `source` to `out`, with `loras` (file, scale) fused into its weights in order; the parity check
+    compares with the same fused pipeline."""
     folder = checkpoint.resolve(source)
     checkpoint.check(folder)
+    for path, _ in loras:
+        lora.check_file(Path(path))
     edit_defaults = read_edit_defaults(folder)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportFailed(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
@@ -47,8 +52,12 @@ def export_checkpoint(
     try:
         report(f"loading {source}")
         pipe = checkpoint.load_pipeline(folder)
+        fused = []
+        for path, scale in loras:
+            report(f"fusing LoRA {path} at scale {scale:g}")
+            fused.append(lora.fuse(pipe, Path(path), scale))
         report("hashing checkpoint")
-        manifest = _manifest(pipe, source, checkpoint_hash(folder), dtype, edit_defaults)
+        manifest = _manifest(pipe, source, checkpoint_hash(folder), dtype, edit_defaults, fused)
         for name, spec in COMPONENTS.items():
             report(f"exporting {name} ({manifest.component_dtypes[name]})")
             torch_dtype = DTYPES[manifest.component_dtypes[name]]
@@ -111,7 +120,14 @@ def _verify(reference: TorchEditPipeline, staging: Path, manifest: Manifest) -> 
     return replace(manifest, parity=parity)
 
 
-def _manifest(pipe, source: str, source_hash: str, dtype: str, edit_defaults: dict[str, float]) -> Manifest:  # noqa: ANN001
+def _manifest(
+    pipe,  # noqa: ANN001
+    source: str,
+    source_hash: str,
+    dtype: str,
+    edit_defaults: dict[str, float],
+    loras: list[Lora],
+) -> Manifest:
     unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
     dims = model_dims(pipe)
     side = {**TRT_SIDE, "opt": min(max(native_size(pipe), TRT_SIDE["min"]), TRT_SIDE["max"])}
@@ -145,6 +161,7 @@ def _manifest(pipe, source: str, source_hash: str, dtype: str, edit_defaults: di
         },
         edit_defaults=edit_defaults,
         native_size=native_size(pipe),
+        loras=tuple(loras),
     )
 
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,8 @@ def run(
             connection = Broker(url, settings)
             env = {"ITSD_TILE_BATCH": str(tile_batch), "ITSD_RUNTIME": runtime, "ITSD_PRECISION": precision}
             local = start_workers(stack, url, {name: str(artifacts)}, workers, {**env, **local_roots(sources, out)})
-            say(f"started {workers} worker(s) for {model} ({manifest.model_id}); waiting for them to register it")
+            identity = ", ".join(filter(None, (manifest.model_id, manifest.lora_summary)))
+            say(f"started {workers} worker(s) for {model} ({identity}); waiting for them to register it")
             wait_registered(connection.client, [name], local)
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
             say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
@@ -199,6 +201,7 @@ def run(
                 "instruction": instruction or "(per manifest row)",
                 "model": model,
                 "model_id": manifest.model_id,
+                "loras": [asdict(lora) for lora in manifest.loras],
                 "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
                 "workers": workers,
                 "tile_batch": tile_batch,

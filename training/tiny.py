@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusionInstructPix2PixPipeline,
     UNet2DConditionModel,
 )
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from training.clip_vocab import write_clip_tokenizer_files
@@ -159,3 +160,38 @@ def build_tiny_checkpoint(out: Path, seed: int = 0, unet_in_channels: int = 8, p
     (out / "_tokenizer_src").rmdir()
     json.loads((out / "model_index.json").read_text())  # fail loudly if diffusers wrote nothing
     return out
+
+
+# What a random LoRA adapts: every attention projection, the transformer blocks' convs and feed-forward, the
+# ResNets' convs and time projections (as LCM-LoRA does); in the text encoder, the attention projections.
+LORA_UNET_TARGETS = (
+    *("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    *("conv1", "conv2", "time_emb_proj"),
+)
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def write_random_lora(checkpoint: Path, path: Path, rank: int = 4, seed: int = 0, text_encoder: bool = False) -> Path:
+    """Write a LoRA with random (seeded) weights for `checkpoint`'s UNet (and text encoder) to `path`, in the
+    diffusers/PEFT format `save_lora_weights` writes (text-encoder keys with CLIP's `text_model.` prefix, as
+    published LoRAs have them). Alpha equals the rank: scale 1 adds B @ A."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    layers = {"unet_lora_layers": _random_lora(unet, LORA_UNET_TARGETS, rank)}
+    if text_encoder:
+        text = CLIPTextModel.from_pretrained(checkpoint / "text_encoder")
+        text_layers = _random_lora(text, LORA_TEXT_TARGETS, rank)
+        prefix = "" if hasattr(text, "text_model") else "text_model."
+        layers["text_encoder_lora_layers"] = {prefix + key: value for key, value in text_layers.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(path.parent, weight_name=path.name, **layers)
+    return path
+
+
+def _random_lora(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> dict[str, torch.Tensor]:
+    from peft import LoraConfig, inject_adapter_in_model  # the export extra's (LoRAs are fused at export)
+    from peft.utils import get_peft_model_state_dict
+
+    # init_lora_weights=False: B random too (PEFT's default zero B would make a LoRA that changes nothing)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(targets))
+    return get_peft_model_state_dict(inject_adapter_in_model(config, model))
