@@ -12,10 +12,17 @@ Then it runs 1, 2 and 4 jobs at once on the gated OpenVINO graph, their UNet cal
 It reports the fastest itsd runtime's speed-up over both diffusers runs, each image's PSNR against
 diffusers fp32; one UNet call of it against the CPU's bf16 matrix floor (the UNet's FLOPs, counted by
 torch's FlopCounterMode, over the GFLOP/s of a large bf16 MatMul on OpenVINO); and ONNX Runtime's time
-split by stage. Prints one JSON line.
+split by stage.
+
+Then the modes that cut UNet evaluations (`modes`), each on OpenVINO fp32 (the fastest fp32 runtime on a CPU),
+with its UNet evaluations (rows of every UNet call, counted), s/image and PSNR against diffusers' own pipeline
+run in the same mode: `default` (3 copies every step), `image_guidance_1` (2 copies),
+`guidance_until_0.4` (guidance on the first 40% of the steps, diffusers with the equivalent step-end
+callback) and `lcm_4` (4 LCM steps, guidance 2, image guidance 1, on an export with a random LoRA fused
+into the UNet, against diffusers with the same LoRA fused). Prints one JSON line.
 
     python bench/pipeline.py [--size 256] [--steps 20] [--images 1] [--preset sd15] [--scheduler euler]
-                             [--batch-jobs 1,2,4] [--workdir DIR]
+                             [--batch-jobs 1,2,4] [--modes default,...] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import platform
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,15 +49,74 @@ from core.images import psnr, to_model_input
 from core.params import EditParams
 
 INSTRUCTION = "Cartoonize the image"
+# Modes that cut UNet evaluations: edit params over the bench's own (--steps, guidance 7, image guidance 1.5)
+MODES: dict[str, dict] = {
+    "default": {},
+    "image_guidance_1": {"image_guidance_scale": 1.0},
+    "guidance_until_0.4": {"guidance_until": 0.4},
+    "lcm_4": {"steps": 4, "guidance_scale": 2.0, "image_guidance_scale": 1.0, "scheduler": "lcm"},
+}
+LORA_MODES = ("lcm_4",)  # run on an export with a random LoRA fused into the UNet, against diffusers with it fused
 
 
-def timed(run, images: int) -> float:
-    """Seconds per image of `run(seed)`, after one untimed run (compiles, caches, allocator warm-up)."""
-    run(0)
+def timed(run, images: int, warm=None) -> float:
+    """Seconds per image of `run(seed)`, after one untimed `warm(0)` (compiles, caches, allocator warm-up; by
+    default a whole `run`)."""
+    (warm or run)(0)
     start = time.perf_counter()
     for seed in range(images):
         run(seed)
     return (time.perf_counter() - start) / images
+
+
+def warm_up(backend, image: Image.Image, params: EditParams) -> None:
+    """An untimed edit of up to 3 steps in `params`' mode: it compiles every UNet shape the mode calls (guided
+    and, past a cutoff, unguided) and warms the allocator; `backend`'s count starts after it."""
+    steps = min(params.steps or 3, 3)
+    edit_image(backend, image, INSTRUCTION, replace(params, seed=0, steps=steps))
+    backend.evaluations = 0
+
+
+class CountingBackend:
+    """A backend's model calls, counting UNet evaluations: the rows of every UNet call (tiles x copies)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.evaluations = inner, 0
+        self.facts, self.edit_defaults = inner.facts, inner.edit_defaults
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> np.ndarray:
+        self.evaluations += len(sample)
+        return self.inner.predict_noise(sample, timestep, text)
+
+
+def ratio(modes: dict, name: str, figure: str, inverse: bool = False) -> float | None:
+    """`modes[name][figure]` over the default mode's (its inverse: a speed-up), None when the mode did not run."""
+    if name not in modes:
+        return None
+    value = modes[name][figure] / modes["default"][figure]
+    return round(1 / value if inverse else value, 3)
+
+
+def fused_lora(work: Path, checkpoint: Path):
+    """A random LoRA (rank 4, UNet only, as an LCM-LoRA) fused into `checkpoint`: diffusers' pipeline with it
+    fused (`TorchEditPipeline`), and the export with it fused."""
+    from export.checkpoint import load_pipeline
+    from export.exporter import export_checkpoint
+    from export.lora import fuse
+    from export.reference import TorchEditPipeline
+    from training.tiny import write_random_lora
+
+    lora, exported = work / "random-lora.safetensors", work / f"{checkpoint.name}-lora-onnx"
+    if not lora.exists():
+        write_random_lora(checkpoint, lora)
+    if not (exported / "manifest.json").exists():
+        export_checkpoint(str(checkpoint), exported, loras=[(lora, 1.0)], verify_parity=False)
+    pipe = load_pipeline(checkpoint)
+    fuse(pipe, lora, 1.0)
+    return TorchEditPipeline(pipe, {}), exported
 
 
 def machine() -> str:
@@ -115,6 +182,7 @@ def main() -> None:
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--scheduler", default="euler")
     parser.add_argument("--batch-jobs", default="1,2,4", help="jobs run at once, batched, comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES), help="modes to run after the runtimes, comma-separated")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint and export here")
     args = parser.parse_args()
 
@@ -143,18 +211,25 @@ def main() -> None:
     from skimage import data
 
     image = Image.fromarray(data.astronaut()).resize((args.size, args.size))
-    # Euler, not the checkpoint's ancestral sampler: ancestral noise comes from torch's generator in diffusers
-    # and numpy's in itsd, so images would differ by design and parity would measure nothing
     params = EditParams(steps=args.steps, max_side=args.size, scheduler=args.scheduler)
     figures: dict = {}
     outputs: dict[str, np.ndarray] = {}
+    evaluations: dict[str, float] = {}
 
-    def itsd_run(name: str, backend) -> None:
+    def itsd_run(name: str, backend, params: EditParams = params, warmed=lambda backend: None) -> None:
+        """Time `backend` in `params`' mode; `warmed(backend)` runs between the warm-up and the timed images."""
+        counted = CountingBackend(backend)
+
         def run(seed: int) -> None:
-            edit = edit_image(backend, image, INSTRUCTION, EditParams(**{**params.to_dict(), "seed": seed}))
+            edit = edit_image(counted, image, INSTRUCTION, replace(params, seed=seed))
             outputs[name] = np.asarray(edit.image)
 
-        figures[name] = round(timed(run, args.images), 2)
+        def warm(seed: int) -> None:
+            warm_up(counted, image, params)
+            warmed(backend)
+
+        figures[name] = round(timed(run, args.images, warm), 2)
+        evaluations[name] = counted.evaluations / args.images
 
     # diffusers, fp32 then bf16 autocast; the same initial latents as itsd's loop for a seed
     torch_backend = TorchEditPipeline.load(str(checkpoint))
@@ -165,11 +240,11 @@ def main() -> None:
         ("diffusers_bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
     ]:
 
-        def run(seed: int, name: str = name, context=context, pipe=torch_backend) -> None:
+        def run(seed: int, name: str = name, context=context, pipe=torch_backend, steps: int = resolved.steps) -> None:
             with context():
-                outputs[name] = diffusers_generate(pipe, pixels, INSTRUCTION, resolved, seed)
+                outputs[name] = diffusers_generate(pipe, pixels, INSTRUCTION, replace(resolved, steps=steps), seed)
 
-        figures[name] = round(timed(run, args.images), 2)
+        figures[name] = round(timed(run, args.images, lambda seed, run=run: run(seed, steps=1)), 2)
     # one UNet call's inputs (batch 3: the guidance copies), and its FLOPs while torch's modules are loaded
     latent, channels = args.size // torch_backend.facts.vae_scale_factor, 2 * torch_backend.facts.latent_channels
     sample = np.random.default_rng(0).standard_normal((3, channels, latent, latent)).astype(np.float32)
@@ -179,14 +254,14 @@ def main() -> None:
     gc.collect()
 
     onnx = OnnxEditPipeline(artifacts, provider_names=("CPUExecutionProvider",))
-    itsd_run("onnxruntime_fp32", onnx)
-    onnx.timings.clear()  # the split comes from one more image, measured on its own, as a batch's first:
-    onnx.encode_text.cache_clear()  # its text encoding included (later images reuse the cached embedding)
-    start = time.perf_counter()
-    edit_image(onnx, image, INSTRUCTION, EditParams(**{**params.to_dict(), "seed": 0}))
-    total = time.perf_counter() - start
-    split = {k: round(v, 3) for k, v in onnx.timings.items()}
-    split["other"] = round(total - sum(split.values()), 3)  # numpy loop, scheduler, resizing, tokenizing
+
+    def fresh(backend) -> None:  # the split covers the timed images, the first as a batch's first: text encoding
+        backend.timings.clear()  # included
+        backend.encode_text.cache_clear()
+
+    itsd_run("onnxruntime_fp32", onnx, warmed=fresh)
+    split = {k: round(v / args.images, 3) for k, v in onnx.timings.items()}
+    split["other"] = round(figures["onnxruntime_fp32"] - sum(split.values()), 3)  # numpy loop, scheduler, resizing
     del onnx
     gc.collect()
 
@@ -206,12 +281,46 @@ def main() -> None:
     peak = bf16_matmul_gflops()
 
     batching = {}
-    for jobs in (int(n) for n in args.batch_jobs.split(",")):
+    for jobs in (int(n) for n in args.batch_jobs.split(",") if n):
         per_s, shared = batched_images_per_s(bf16, image, params, jobs)
         batching[str(jobs)] = {"images_per_s": round(per_s, 4), "jobs_per_unet_call": round(shared, 2)}
 
+    del bf16
+    gc.collect()
+
     itsd_names = [k for k in figures if not k.startswith("diffusers")]
     fastest = min(itsd_names, key=figures.get)
+
+    def mode(name: str, reference: str, diffusers_s: float) -> dict:
+        return {
+            "unet_evaluations": evaluations[name],
+            "s_per_image": figures[name],
+            "parity_db": round(psnr(outputs[name], outputs[reference]), 1),
+            "diffusers_s_per_image": round(diffusers_s, 2),
+        }
+
+    # the modes, on OpenVINO fp32; `default` is the runtimes' own run (the same params)
+    modes = {"default": mode("openvino_fp32", "diffusers_fp32", figures["diffusers_fp32"])}
+    wanted = [name for name in args.modes.split(",") if name in MODES and name != "default"]
+    for lora in (False, True):
+        names = [name for name in wanted if (name in LORA_MODES) == lora]
+        if not names:
+            continue
+        reference, exported = (
+            fused_lora(work, checkpoint) if lora else (TorchEditPipeline.load(str(checkpoint)), artifacts)
+        )
+        backend = OpenVinoEditPipeline(exported, "fp32", cache)
+        for name in names:
+            mode_params = replace(params, **MODES[name])
+            itsd_run(name, backend, mode_params)
+            start = time.perf_counter()
+            resolved = mode_params.resolve(reference.edit_defaults)
+            outputs[f"diffusers_{name}"] = diffusers_generate(reference, pixels, INSTRUCTION, resolved, args.images - 1)
+            modes[name] = mode(name, f"diffusers_{name}", time.perf_counter() - start)
+            del figures[name]
+        del reference, backend
+        gc.collect()
+    modes["fastest_precision"] = {"runtime": fastest, **mode(fastest, "diffusers_fp32", figures["diffusers_fp32"])}
     print(
         json.dumps(
             {
@@ -226,6 +335,12 @@ def main() -> None:
                 "fastest": fastest,
                 "speedup_vs_diffusers_fp32": round(figures["diffusers_fp32"] / figures[fastest], 2),
                 "speedup_vs_diffusers_bf16": round(figures["diffusers_bf16"] / figures[fastest], 2),
+                "parity_db": round(psnr(outputs[fastest], outputs["diffusers_fp32"]), 1),
+                "modes": modes,
+                "lcm_4_evaluations_vs_default": ratio(modes, "lcm_4", "unet_evaluations"),
+                "lcm_4_speedup_vs_default": ratio(modes, "lcm_4", "s_per_image", inverse=True),
+                "image_guidance_1_evaluations_vs_default": ratio(modes, "image_guidance_1", "unet_evaluations"),
+                "guidance_until_0.4_evaluations_vs_default": ratio(modes, "guidance_until_0.4", "unet_evaluations"),
                 "parity_db_vs_diffusers_fp32": {
                     name: round(psnr(outputs[name], outputs["diffusers_fp32"]), 1)
                     for name in figures
