@@ -26,11 +26,12 @@ from core.settings import Settings
 from worker.artifacts import ArtifactPipeline, check_inputs
 
 log = logging.getLogger(__name__)
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the UNet's quantized layers, the rest in fp32
 
 
 class OpenVinoEditPipeline(ArtifactPipeline):
-    """An artifact folder on OpenVINO's CPU plugin, in `precision` (fp32 or bf16). One per process."""
+    """An artifact folder on OpenVINO's CPU plugin, in `precision` (fp32, bf16, or int8: the UNet quantized by
+    `worker.int8`, once per model and machine). One per process."""
 
     runtime = "openvino"
 
@@ -44,6 +45,11 @@ class OpenVinoEditPipeline(ArtifactPipeline):
             "PERFORMANCE_HINT": "LATENCY",
             "CACHE_DIR": str(cache),
         }
+        self.sources = {name: folder / spec.filename for name, spec in COMPONENTS.items()}
+        if precision == "int8":
+            from worker.int8 import cached_int8_unet
+
+            self.sources["unet"] = cached_int8_unet(folder, self.manifest.model_id, cache)
         self.compiled: dict[tuple[str, tuple[tuple[int, ...], ...]], ov.CompiledModel] = {}
         self._lock = threading.Lock()  # a compiled model's call is not thread-safe (jobs batched on threads)
 
@@ -57,8 +63,7 @@ class OpenVinoEditPipeline(ArtifactPipeline):
         SD1.5 UNet is 3.4 GB as read, and again as compiled)."""
         key = (name, tuple(value.shape for value in inputs.values()))
         if key not in self.compiled:
-            spec = COMPONENTS[name]
-            path = self.folder / spec.filename
+            spec, path = COMPONENTS[name], self.sources[name]
             try:
                 model = self.core.read_model(str(path))
             except RuntimeError as exc:
