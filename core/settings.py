@@ -67,7 +67,9 @@ class Settings:
     # ITSD_RUNTIME and ITSD_PRECISION (RUNTIMES, PRECISIONS) are read by --runtime and --precision
     # (producer.options.runtime_options)
     bf16_min_psnr: float = 35.0  # ITSD_BF16_MIN_PSNR: dB a bf16 probe edit must keep against fp32
-    int8_min_psnr: float = 30.0  # ITSD_INT8_MIN_PSNR: dB an int8 probe edit must keep against fp32 (worker.int8)
+    # ITSD_INT8_MIN_PSNR: dB an int8 probe edit must keep against fp32 (worker.int8). 35, as bf16's: weights-only
+    # int8 rounds each weight to one of 256 levels of its output channel, an error of bf16's kind and size
+    int8_min_psnr: float = 35.0
     warm_up_timeout: float = 900.0  # ITSD_WARM_UP_TIMEOUT: seconds a model may take to load and run one edit
     # ITSD_CELERY_EVENTS=1: Celery's task events, for Flower (off by default: a few Redis writes per job)
     celery_events: bool = False

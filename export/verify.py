@@ -13,7 +13,6 @@ from core.edit import Backend, Tiling, generate, plan
 from core.images import psnr
 from core.manifest import Parity
 from core.params import EditParams
-from core.probes import PROBE_SIZE, probe_image
 from export.reference import TorchEditPipeline, diffusers_generate
 
 THRESHOLD_DB = {"fp32": 40.0, "fp16": 25.0}  # under this, an export is refused
@@ -24,7 +23,16 @@ PROBE_SEED = 0
 PROBE_PARAMS = EditParams(
     steps=4, guidance_scale=7.0, image_guidance_scale=1.5, scheduler="euler", seed=PROBE_SEED
 ).resolve({})
+PROBE_SIZE = 128  # px, square: one tile
 TILED_PROBE = (128, 192, Tiling(size=64))  # height, width px, and tiles small enough for several of them
+
+
+def probe_image(height: int = PROBE_SIZE, width: int = PROBE_SIZE) -> np.ndarray:
+    """A deterministic photo-like probe: smooth gradients, a disc and stripes, in [-1, 1] NCHW."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).astype(np.float32)
+    rgb = np.stack([x, y * (1 - disc) + disc, 0.5 + 0.5 * np.sin(12 * x) * (y > 0.7)])
+    return (rgb * 2.0 - 1.0)[None].astype(np.float32)
 
 
 def _tiled(backend: Backend, pixels: np.ndarray, tiling: Tiling) -> np.ndarray:

@@ -143,7 +143,7 @@ def test_itsd_edit_with_int8_on_onnxruntime_says_what_to_do(tiny_artifacts, tmp_
 
 @pytest.fixture(scope="module")
 def int8_cache(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ITSD_CACHE_DIR where the tiny model's UNet was quantized to int8 once (real NNCF, real OpenVINO)."""
+    """An ITSD_CACHE_DIR where the tiny model's UNet was compressed to int8 once (real NNCF, real OpenVINO)."""
     cache = tmp_path_factory.mktemp("int8-cache")
     OpenVinoEditPipeline(tiny_artifacts, "int8", cache)
     return cache
@@ -154,7 +154,7 @@ def test_int8_edits_and_a_second_load_reads_the_quantized_unet_from_disk(
 ):
     (quantized,) = (int8_cache / "openvino").glob(f"*.unet.int8-{int8.settings_key()}.xml")
     written = quantized.stat().st_mtime_ns
-    monkeypatch.setattr(int8.nncf, "quantize", lambda *_, **__: pytest.fail("quantized again"))
+    monkeypatch.setattr(int8.nncf, "compress_weights", lambda *_, **__: pytest.fail("compressed again"))
     pipeline = OpenVinoEditPipeline(tiny_artifacts, "int8", int8_cache)
     assert pipeline.label == "openvino int8" and pipeline.sources["unet"] == quantized
     image = photo(64, 64)
@@ -162,7 +162,7 @@ def test_int8_edits_and_a_second_load_reads_the_quantized_unet_from_disk(
     reference = np.asarray(
         edit_image(OpenVinoEditPipeline(tiny_artifacts, "fp32", tmp_path), image, "Derain", PARAMS).image
     )
-    assert 15 < psnr(edited, reference) < 99  # int8 rounds: close to fp32, not the same pixels
+    assert 35 < psnr(edited, reference) < 99  # int8 weights round: within the default bar, not the same pixels
     assert quantized.stat().st_mtime_ns == written
 
 
@@ -177,7 +177,7 @@ def test_the_int8_gate_refuses_an_impossible_bar_in_one_warning_and_keeps_its_me
     assert "int8 is" in warning.message and "under ITSD_INT8_MIN_PSNR (500): running fp32" in warning.message
     (record,) = (int8_cache / "openvino").glob("*.int8.json")
     kept = json.loads(record.read_text())
-    assert 15 < kept["psnr_db"] < 99 and set(kept["unet_s"]) == {"fp32", "int8"}
+    assert 35 < kept["psnr_db"] < 99 and set(kept["unet_s"]) == {"fp32", "int8"}
 
 
 def test_auto_on_this_cpu_follows_the_gates_measurement(tiny_artifacts, int8_cache, monkeypatch):

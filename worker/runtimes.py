@@ -3,10 +3,11 @@
 - Runtime: `onnxruntime` (TensorRT, CUDA or CPU execution providers) or `openvino` (CPUs). `auto` picks
   OpenVINO on an x86 CPU that has it installed (`pip install 'itsd[openvino]'`) when ONNX Runtime has no GPU
   provider to use, else ONNX Runtime.
-- Precision: `fp32`, `bf16` or `int8` (OpenVINO only; int8 quantizes the UNet with NNCF, `worker.int8`).
+- Precision: `fp32`, `bf16` or `int8` (OpenVINO only; int8: the UNet's weights compressed by NNCF,
+  `worker.int8`).
 - bf16 and int8 are gated by numbers, by one gate (`gated`): the first time a model is loaded in either on a
   machine, one probe edit runs in fp32 and in it, and one UNet call of each is timed; the precision is refused
-  below ITSD_BF16_MIN_PSNR (35) or ITSD_INT8_MIN_PSNR (30) dB, with one line that says so: the model runs in
+  below ITSD_BF16_MIN_PSNR or ITSD_INT8_MIN_PSNR dB (35 each), with one line that says so: the model runs in
   what `auto` would otherwise pick. The measurement is kept under ITSD_CACHE_DIR/openvino, by model id.
 - `auto`, on OpenVINO: bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else int8 where NNCF
   is installed, else fp32; bf16 or int8 only past its gate and only if its UNet call measured at least
@@ -118,25 +119,29 @@ def probe_psnr(fp32: Backend, other: Backend) -> float:
     return psnr(*edits)
 
 
-def unet_seconds(backend: Backend, calls: int = 2) -> float:
-    """The fastest of `calls` UNet calls at the probe edit's shape (one tile, 3 guidance copies), timed after
-    the probe edit compiled that shape."""
-    latent = backend.facts.tile_size // backend.facts.vae_scale_factor
-    sample = np.zeros((3, 2 * backend.facts.latent_channels, latent, latent), np.float32)
-    timestep, text = np.full(3, 500.0, np.float32), np.concatenate([backend.encode_text(GATE_INSTRUCTION)] * 3)
-    times = []
+def unet_seconds(backends: dict[str, Backend], calls: int = 3) -> dict[str, float]:
+    """Each backend's fastest of `calls` UNet calls at the probe edit's shape (one tile, 3 guidance copies, as
+    compiled by the probe edit), the backends called in turn so that other work on the machine weighs on each
+    alike."""
+    facts = next(iter(backends.values())).facts
+    latent = facts.tile_size // facts.vae_scale_factor
+    sample = np.zeros((3, 2 * facts.latent_channels, latent, latent), np.float32)
+    timestep = np.full(3, 500.0, np.float32)
+    times: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(calls):
-        start = time.perf_counter()
-        backend.predict_noise(sample, timestep, text)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, backend in backends.items():
+            text = np.concatenate([backend.encode_text(GATE_INSTRUCTION)] * 3)
+            start = time.perf_counter()
+            backend.predict_noise(sample, timestep, text)
+            times[name].append(time.perf_counter() - start)
+    return {name: round(min(seconds), 4) for name, seconds in times.items()}
 
 
 def measure(fp32: Backend, other: Backend, precision: str) -> dict[str, Any]:
     """The gate's record: the probe edit's PSNR against fp32 and one UNet call's seconds in each precision."""
     return {
         "psnr_db": round(probe_psnr(fp32, other), 2),
-        "unet_s": {"fp32": round(unet_seconds(fp32), 4), precision: round(unet_seconds(other), 4)},
+        "unet_s": unet_seconds({"fp32": fp32, precision: other}),
         "probe": GATE_PROBE.to_dict(),
     }
 
