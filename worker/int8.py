@@ -10,20 +10,21 @@ VAE and text encoder stay fp32 (weights-only int8 made the tiny model's VAE deco
 
 Why weights-only and not full quantization (`nncf.quantize`: int8 weights and activations, calibrated on the
 UNet inputs of probe edits; `bench/int8.py` measures both): it measures better at the gate. On a 2-core AMD
-EPYC with AVX2/FMA but no AVX-512 (no VNNI: no fast int8 dot products), one UNet call, batch 3, 256 px,
-and the gate's probe edit against fp32 (docs/benchmarks.md, "int8 on OpenVINO", has the commands):
+EPYC with AVX2/FMA but no AVX-512 (no VNNI: no int8 dot products), shared with other work but measured at
+quiet moments, one UNet call, batch 3, 256 px, and the gate's probe edit against fp32 (docs/benchmarks.md,
+"int8 on OpenVINO", has the commands and a loaded run):
 
 | model | fp32 | weights-only | full | PSNR weights-only | PSNR full |
 |---|---|---|---|---|---|
-| SD1.5-size, calls in turn, quiet moment | 3.73 s | 3.91 s (0.95x) | 4.61 s (0.81x) | 54.0 dB | 29.9 dB |
-| tiny, loaded machine | 0.227 / 0.388 s | 0.477 s (0.81x) | 0.230 s (0.99x) | 54.7 dB | 32.7 dB |
+| SD1.5-size (random weights), the calls taken in turn | 3.73 s | 3.91 s (0.95x) | 4.61 s (0.81x) | 54.0 dB | 29.9 dB |
+| tiny | 0.0349 / 0.0372 s | 0.0366 s (0.95x) | 0.0455 s (0.82x) | 54.7 dB | 32.7 dB |
 
-Full quantization drifts 20 dB more from fp32 and, on the model size a worker serves, is the slower of the
-two: without VNNI, OpenVINO's int8 kernels do not beat its fp32 ones, and the quantize/dequantize pairs on
-activations cost extra. Weights-only rounds only the weights and quarters their memory. Neither is faster
-than fp32 on this CPU, so `--precision auto` keeps fp32 here (`worker.runtimes`); on CPUs where int8 runs
-faster the gate's timing lets auto take it. The PSNR figures are over random weights: they measure mostly
-whether the arithmetic keeps parity, not how a trained model's edits look; the gate measures each model.
+Full quantization drifts over 20 dB further from fp32 and is the slower of the two: without VNNI, OpenVINO's
+int8 kernels do not beat its fp32 ones, and the quantize/dequantize pairs on activations cost extra.
+Weights-only rounds only the weights and quarters their memory. Neither is faster than fp32 on this CPU, so
+`--precision auto` keeps fp32 here (`worker.runtimes`); where int8 runs faster, the gate's timing lets auto
+take it. The PSNR figures are over random weights: they measure mostly whether the arithmetic keeps parity,
+not how a trained model's edits look; the gate measures each model.
 """
 
 from __future__ import annotations
