@@ -1,10 +1,10 @@
 """InstructPix2Pix's model calls on OpenVINO, from the same ONNX files ONNX Runtime runs.
 
 On CPUs OpenVINO runs these graphs faster, and in bf16 where the CPU has native bf16 (AVX512-BF16 or AMX)
-about twice as fast again; in int8 the UNet is read from its copy with int8 weights (`worker.int8`). Each graph is
-compiled for the exact shapes it is called with (static shapes: a tile's, in a batch of `--tile-batch` tiles
-times the guidance copies), once per shape, and the compiled model is cached on disk under
-ITSD_CACHE_DIR/openvino, so a worker's second start compiles nothing.
+about twice as fast again; in int8 the UNet is read from its copy with int8 weights (`worker.int8`). Each
+graph is compiled for the exact shapes it is called with (static shapes: a tile's, in a batch of
+`--tile-batch` tiles times the guidance copies), once per shape, and the compiled model is cached on disk
+under ITSD_CACHE_DIR/openvino, so a worker's second start compiles nothing.
 
 Performance hint: LATENCY, on the worker too. Calls are made one at a time (jobs batched together on
 threads, `worker.batching`, make one call of their UNet inputs), and THROUGHPUT would split the cores into

@@ -91,7 +91,7 @@ def choose_precision(requested: str, runtime: str) -> str:
     if requested in MIN_PSNR_SETTINGS and runtime != "openvino":
         raise InvalidParameters(f"{requested} runs on the openvino runtime: add --runtime openvino")
     if requested == "int8" and not nncf_installed():
-        raise InvalidParameters("int8 needs NNCF to quantize the model: pip install 'itsd[openvino]'")
+        raise InvalidParameters("int8 needs NNCF to compress the UNet: pip install 'itsd[openvino]'")
     if requested != "auto":
         return requested
     if runtime != "openvino":
