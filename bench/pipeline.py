@@ -5,8 +5,9 @@ Builds an SD1.5-size InstructPix2Pix checkpoint with random weights (speed does 
 weights), exports it with `itsd export`, then times, on one photo:
 - diffusers' StableDiffusionInstructPix2PixPipeline in fp32, and under `torch.autocast("cpu", bfloat16)`
   (what a CPU user picks instead of itsd);
-- itsd's loop on ONNX Runtime (fp32), OpenVINO fp32 and OpenVINO bf16 (static shapes, compiled before
-  timing; bf16 through its PSNR gate, as a worker loads it).
+- itsd's loop on ONNX Runtime (fp32), OpenVINO fp32, OpenVINO int8 and OpenVINO bf16 (static shapes, compiled
+  before timing; int8 and bf16 through their PSNR gate, as a worker loads them: a refused one runs, and is
+  named, as what the gate fell back to; int8's gate record is reported as `int8_gate`).
 Then it runs 1, 2 and 4 jobs at once on the gated OpenVINO graph, their UNet calls batched together as a
 `--batch-jobs` worker batches them (`worker.batching`), and reports images/s for each.
 It reports the fastest itsd runtime's speed-up over both diffusers runs, each image's PSNR against
@@ -196,7 +197,7 @@ def main() -> None:
     from training.tiny import build_tiny_checkpoint
     from worker.openvino_runtime import OpenVinoEditPipeline
     from worker.pipeline import OnnxEditPipeline
-    from worker.runtimes import gated_bf16
+    from worker.runtimes import gated
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="itsd-bench-"))
     checkpoint, artifacts = work / f"{args.preset}-ckpt", work / f"{args.preset}-onnx"
@@ -268,7 +269,12 @@ def main() -> None:
     cache = work / "cache"
     itsd_run("openvino_fp32", OpenVinoEditPipeline(artifacts, "fp32", cache))
     gc.collect()  # each runtime's graphs are freed before the next one's load
-    bf16 = gated_bf16(artifacts, Settings(cache_dir=cache))
+    int8 = gated(artifacts, "int8", Settings(cache_dir=cache))
+    itsd_run(f"openvino_{int8.precision}_gated", int8)
+    int8_gate = json.loads((cache / "openvino" / f"{int8.manifest.model_id}.int8.json").read_text())
+    del int8
+    gc.collect()
+    bf16 = gated(artifacts, "bf16", Settings(cache_dir=cache))
     itsd_run(f"openvino_{bf16.precision}_gated", bf16)
 
     # one UNet call of the gated graph, against the matrix floor
@@ -346,6 +352,7 @@ def main() -> None:
                     for name in figures
                     if name != "diffusers_fp32"
                 },
+                "int8_gate": int8_gate,
                 "unet_call_s": round(unet_s, 3),
                 "unet_gflop": round(gflop, 1),
                 "bf16_matmul_gflops": round(peak, 1),

@@ -13,7 +13,7 @@ from core.storage import DEFAULT_MAX_INPUT_BYTES
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 RUNTIMES = ("auto", "onnxruntime", "openvino")  # ITSD_RUNTIME; worker.runtimes decides auto
-PRECISIONS = ("auto", "fp32", "bf16")  # ITSD_PRECISION
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # ITSD_PRECISION
 
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
@@ -67,6 +67,9 @@ class Settings:
     # ITSD_RUNTIME and ITSD_PRECISION (RUNTIMES, PRECISIONS) are read by --runtime and --precision
     # (producer.options.runtime_options)
     bf16_min_psnr: float = 35.0  # ITSD_BF16_MIN_PSNR: dB a bf16 probe edit must keep against fp32
+    # ITSD_INT8_MIN_PSNR: dB an int8 probe edit must keep against fp32 (worker.int8). 35, as bf16's: weights-only
+    # int8 rounds each weight to one of 256 levels of its output channel, an error of bf16's kind and size
+    int8_min_psnr: float = 35.0
     warm_up_timeout: float = 900.0  # ITSD_WARM_UP_TIMEOUT: seconds a model may take to load and run one edit
     # ITSD_CELERY_EVENTS=1: Celery's task events, for Flower (off by default: a few Redis writes per job)
     celery_events: bool = False
@@ -90,6 +93,7 @@ class Settings:
             batch_jobs=_positive_int(env, "ITSD_BATCH_JOBS", cls.batch_jobs),
             connect_timeout=float(_positive_int(env, "ITSD_CONNECT_TIMEOUT", int(cls.connect_timeout))),
             bf16_min_psnr=_positive_float(env, "ITSD_BF16_MIN_PSNR", cls.bf16_min_psnr),
+            int8_min_psnr=_positive_float(env, "ITSD_INT8_MIN_PSNR", cls.int8_min_psnr),
             warm_up_timeout=float(_positive_int(env, "ITSD_WARM_UP_TIMEOUT", int(cls.warm_up_timeout))),
             celery_events=_flag(env, "ITSD_CELERY_EVENTS"),
             access=Access(

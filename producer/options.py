@@ -128,8 +128,9 @@ def runtime_options(command: Callable[..., Any]) -> Callable[..., Any]:
     precision = _env_choice(
         "precision",
         PRECISIONS,
-        "bf16 (openvino only) or fp32; auto: bf16 where the CPU has it natively, once a probe edit shows it within "
-        "ITSD_BF16_MIN_PSNR dB of fp32.",
+        "bf16 or int8 (openvino only), or fp32; each only once a probe edit shows it within ITSD_BF16_MIN_PSNR or "
+        "ITSD_INT8_MIN_PSNR dB of fp32. auto: bf16 where the CPU has it natively, else int8, if measured 1.1x "
+        "faster than fp32; else fp32.",
     )
     return runtime(precision(command))
 

@@ -1,9 +1,10 @@
 """InstructPix2Pix's model calls on OpenVINO, from the same ONNX files ONNX Runtime runs.
 
 On CPUs OpenVINO runs these graphs faster, and in bf16 where the CPU has native bf16 (AVX512-BF16 or AMX)
-about twice as fast again. Each graph is compiled for the exact shapes it is called with (static shapes:
-a tile's, in a batch of `--tile-batch` tiles times the guidance copies), once per shape, and the compiled
-model is cached on disk under ITSD_CACHE_DIR/openvino, so a worker's second start compiles nothing.
+about twice as fast again; in int8 the UNet is read from its copy with int8 weights (`worker.int8`). Each
+graph is compiled for the exact shapes it is called with (static shapes: a tile's, in a batch of
+`--tile-batch` tiles times the guidance copies), once per shape, and the compiled model is cached on disk
+under ITSD_CACHE_DIR/openvino, so a worker's second start compiles nothing.
 
 Performance hint: LATENCY, on the worker too. Calls are made one at a time (jobs batched together on
 threads, `worker.batching`, make one call of their UNet inputs), and THROUGHPUT would split the cores into
@@ -26,11 +27,12 @@ from core.settings import Settings
 from worker.artifacts import ArtifactPipeline, check_inputs
 
 log = logging.getLogger(__name__)
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: int8 weights, fp32 arithmetic
 
 
 class OpenVinoEditPipeline(ArtifactPipeline):
-    """An artifact folder on OpenVINO's CPU plugin, in `precision` (fp32 or bf16). One per process."""
+    """An artifact folder on OpenVINO's CPU plugin, in `precision` (fp32, bf16, or int8: the UNet's weights
+    compressed by `worker.int8`, once per model and machine). One per process."""
 
     runtime = "openvino"
 
@@ -44,6 +46,11 @@ class OpenVinoEditPipeline(ArtifactPipeline):
             "PERFORMANCE_HINT": "LATENCY",
             "CACHE_DIR": str(cache),
         }
+        self.sources = {name: folder / spec.filename for name, spec in COMPONENTS.items()}
+        if precision == "int8":
+            from worker.int8 import cached_int8_unet
+
+            self.sources["unet"] = cached_int8_unet(self.sources["unet"], self.manifest.model_id, cache)
         self.compiled: dict[tuple[str, tuple[tuple[int, ...], ...]], ov.CompiledModel] = {}
         self._lock = threading.Lock()  # a compiled model's call is not thread-safe (jobs batched on threads)
 
@@ -57,8 +64,7 @@ class OpenVinoEditPipeline(ArtifactPipeline):
         SD1.5 UNet is 3.4 GB as read, and again as compiled)."""
         key = (name, tuple(value.shape for value in inputs.values()))
         if key not in self.compiled:
-            spec = COMPONENTS[name]
-            path = self.folder / spec.filename
+            spec, path = COMPONENTS[name], self.sources[name]
             try:
                 model = self.core.read_model(str(path))
             except RuntimeError as exc:
