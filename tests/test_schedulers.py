@@ -6,16 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-)
 
 from core.errors import InvalidModel, InvalidParameters
 from core.params import SCHEDULERS
@@ -38,16 +32,7 @@ IP2P_CONFIG = {
     "timestep_spacing": "leading",
     "trained_betas": None,
 }
-DIFFUSERS = {
-    cls.__name__: cls
-    for cls in (
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        LCMScheduler,
-    )
-}
+DIFFUSERS = {name: getattr(diffusers, name) for name in SCHEDULERS.values()}  # each port against its class
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 SPACINGS = ["leading", "linspace", "trailing"]
 PREDICTIONS = ["epsilon", "v_prediction"]
