@@ -68,9 +68,10 @@ def untiled_reference(backend, pixels, instruction, params, seed):
     for index, t in enumerate(scheduler.timesteps):
         batch = scheduler.scale_model_input(np.concatenate([latents] * 3), index)
         sample = np.concatenate([batch, np.concatenate([image, image, np.zeros_like(image)])], axis=1)
-        ti, io, ne = backend.predict_noise(sample, np.full(3, t, np.float32), np.concatenate([text, empty, empty]))
+        predicted = backend.predict_noise(sample, np.full(3, t, np.float32), np.concatenate([text, empty, empty]))
+        ti, io, ne = predicted.astype(np.float64)  # the loop sums the copies in float64 (core.edit._guide)
         guided = ne + params.guidance_scale * (ti - io) + params.image_guidance_scale * (io - ne)
-        latents = scheduler.step(guided[None], index, latents, rng)
+        latents = scheduler.step(guided[None].astype(np.float32), index, latents, rng)
     return to_uint8(backend.decode(latents / backend.facts.latent_scaling_factor)[0])
 
 
