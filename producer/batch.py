@@ -134,10 +134,7 @@ def read_jobs(
 ) -> tuple[list[Job], list[Result]]:
     """Each source's job (its input read, in parallel, for the job id), and a failed result for each input that
     could not be read or was rejected before."""
-    refused = [
-        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
-        for r in rejected
-    ]
+    refused = refusals(rejected)
     jobs: list[Job] = []
     max_bytes = broker.settings.max_input_bytes
     with ThreadPoolExecutor(READERS) as pool:
@@ -155,6 +152,14 @@ def read_jobs(
             if on_progress:
                 on_progress(1)
     return jobs, refused
+
+
+def refusals(rejected: list[Rejected]) -> list[Result]:
+    """A failed result for each input rejected before it was read (a bad manifest row, a missing file)."""
+    return [
+        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
+        for r in rejected
+    ]
 
 
 def unfinished(client: Any, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool) -> list[Job]:
