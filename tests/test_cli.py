@@ -177,11 +177,10 @@ def test_a_missing_instruction_says_it_is_missing_and_how_to_give_it_and_a_blank
 
 def test_the_wheel_carries_the_bundled_model_that_model_defaults_to(tmp_path):
     """A wheel install has no repository: `--model`'s default must be package data, every file of it."""
+    import shutil
     import zipfile
 
     from producer.models import BUNDLED_MODEL
-
-    import shutil
 
     repo = Path(__file__).resolve().parents[1]
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
