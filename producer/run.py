@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -41,8 +41,10 @@ from producer.options import (
     tile_batch_option,
 )
 from producer.record import output_of, write_record
-from producer.sources import BatchInput, collect_sources
+from producer.sources import BatchInput, Rejected, collect_sources
 from producer.submit import describe, echo_failures, wait_for
+
+Say = Callable[[str], None]  # a status line on stderr (nothing under --quiet)
 
 
 def local_roots(sources: list[BatchInput], out: Path) -> dict[str, str]:
@@ -111,6 +113,8 @@ def run(
         sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params)
         if any(not s.instruction for s in sources):
             raise missing_instruction(instruction)
+        if not sources and not rejected:
+            raise click.ClickException(f"no images found in {' '.join(inputs)}")
         check_destination([InputFile(Path(s.uri), s.relative) for s in sources if "://" not in s.uri], out)
         artifacts = artifacts_for(model, settings, say)
         manifest = Manifest.read(artifacts)
@@ -125,41 +129,31 @@ def run(
             "runtime_asked": f"{runtime} {precision}",
         }
         if not overwrite and all(Path(output_of(s, out)).exists() for s in sources):
-            say(f"nothing to do: every output is in {out} already (--overwrite computes them again); no Redis or "
-                "workers started")  # fmt: skip
-            found = refusals(rejected)
-            counts = {"done": 0, "skipped": len(sources), "failed": len(found), "cancelled": 0}
-            info |= {"batch_id": None, "total": len(sources) + len(found), "counts": counts}
-            report_run(sources, found, out, info, start)
-            for failure in found:
-                click.echo(f"  failed {failure.error_type}: {failure.error_message}", err=True)
-        else:
+            sys.exit(nothing_to_do(sources, rejected, out, info, start, say))
+        name = f"run-{manifest.model_id}"
+        with ExitStack() as stack, stop_on_sigterm():
+            if not broker:
+                say("starting a private Redis")
+            url = check_broker_url(broker) if broker else stack.enter_context(RedisServer()).url
+            connection = Broker(url, settings)
             env = {"ITSD_TILE_BATCH": str(tile_batch), "ITSD_RUNTIME": runtime, "ITSD_PRECISION": precision}
-            with ExitStack() as stack, stop_on_sigterm():
-                if not broker:
-                    say("starting a private Redis")
-                url = check_broker_url(broker) if broker else stack.enter_context(RedisServer()).url
-                connection = Broker(url, settings)
-                name, started = f"run-{manifest.model_id}", time.perf_counter()
-                local = start_workers(stack, url, {name: str(artifacts)}, workers, {**env, **local_roots(sources, out)})
-                identity = ", ".join(filter(None, (manifest.model_id, manifest.lora_summary)))
-                say(
-                    f"started {workers} worker(s) for {model} ({identity}); each loads the model and runs a warm-up "
-                    "edit before it takes a job (OpenVINO compiles each graph on first use, then caches it)"
-                )
-                wait_registered(connection.client, [name], local)
-                say(
-                    f"the model passed its warm-up in {time.perf_counter() - started:.1f} s; the workers' "
-                    "pool processes load it once more, then the first images start"
-                )
-                submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
-                say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
-                counts = wait_for(connection, submission.batch_id, quiet)
-                found = list(results(connection.client, submission.batch_id))
-                info |= {"batch_id": submission.batch_id, "total": submission.total, "counts": counts}
-                report_run(sources, found, out, info, start)
-                if counts["failed"]:
-                    echo_failures(connection, submission.batch_id)
+            started = time.perf_counter()
+            local = start_workers(stack, url, {name: str(artifacts)}, workers, {**env, **local_roots(sources, out)})
+            identity = ", ".join(filter(None, (manifest.model_id, manifest.lora_summary)))
+            say(
+                f"started {workers} worker(s) for {model} ({identity}); each loads the model and runs a warm-up "
+                "edit before it takes a job (OpenVINO compiles each graph on first use, then caches it)"
+            )
+            wait_registered(connection.client, [name], local)
+            say(
+                f"the model passed its warm-up in {time.perf_counter() - started:.1f} s; the workers' pool "
+                "processes load it once more, then the first images start"
+            )
+            submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
+            say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
+            counts = wait_for(connection, submission.batch_id, quiet)
+            info |= {"batch_id": submission.batch_id, "total": submission.total, "counts": counts}
+            report_run(connection, sources, out, info, start)
     except KeyboardInterrupt:
         click.echo("interrupted: workers and Redis stopped; run the same command again to resume", err=True)
         sys.exit(130)
@@ -179,12 +173,37 @@ def start_workers(
     return local
 
 
-def report_run(sources: list[BatchInput], found: list[Result], out: Path, info: dict[str, Any], start: float) -> None:
-    """Write the run's record and contact sheet into OUT (every image of the batch, made now or before) and say
-    where; `found` is this run's results."""
+def report_run(connection: Broker, sources: list[BatchInput], out: Path, info: dict[str, Any], start: float) -> None:
+    """Write the run's record and contact sheet into OUT (every image of the batch, made now or before); say
+    where, and name the failures."""
+    record_and_say(sources, list(results(connection.client, info["batch_id"])), out, info, start)
+    if info["counts"]["failed"]:
+        echo_failures(connection, info["batch_id"])
+
+
+def nothing_to_do(
+    sources: list[BatchInput], rejected: list[Rejected], out: Path, info: dict[str, Any], start: float, say: Say
+) -> int:
+    """Every output is there already: start no Redis and no workers, bring the record and sheet up to date, name
+    the inputs refused. Returns the exit status."""
+    say(f"nothing to do: every output is in {out} already (--overwrite computes them again); no Redis or workers")
+    refused = refusals(rejected)
+    counts = {"done": 0, "skipped": len(sources), "failed": len(refused), "cancelled": 0}
+    record_and_say(
+        sources, refused, out, info | {"batch_id": None, "total": len(sources) + len(refused), "counts": counts}, start
+    )
+    for failure in refused:
+        click.echo(f"  failed {failure.error_type}: {failure.error_message}", err=True)
+    return 1 if refused else 0
+
+
+def record_and_say(
+    sources: list[BatchInput], found: list[Result], out: Path, info: dict[str, Any], start: float
+) -> None:
+    """Write the record (producer.record) with this run's results and time, and say how it went and where."""
     seconds = time.perf_counter() - start
-    info |= {"seconds": round(seconds, 2), "images_per_s": round(info["counts"]["done"] / seconds, 3)}
-    summary = write_record(sources, found, out, info)
+    timed = info | {"seconds": round(seconds, 2), "images_per_s": round(info["counts"]["done"] / seconds, 3)}
+    summary = write_record(sources, found, out, timed)
     click.echo(f"{describe(info['counts'], info['total'])} in {seconds:.1f} s; outputs in {out}")
     if summary["contact_sheet"]:
         click.echo(f"contact sheet: {summary['contact_sheet']}")

@@ -200,3 +200,9 @@ def test_the_wheel_carries_the_bundled_model_that_model_defaults_to(tmp_path):
     files = {f.relative_to(model).as_posix(): f.stat().st_size for f in model.rglob("*") if f.is_file()}
     assert BUNDLED_MODEL.resolve() == model.resolve() and "unet/diffusion_pytorch_model.safetensors" in files
     assert {name: shipped.get(name) for name in files} == files
+
+
+def test_itsd_run_on_a_folder_without_images_says_so_and_starts_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(itsd, ["run", str(tmp_path / "empty"), "-i", "x", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no images found in" in result.output, result.output
