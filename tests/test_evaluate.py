@@ -247,9 +247,16 @@ def test_evaluate_models_is_the_library_behind_the_command(dataset: Path, tiny_a
 
     text = "please remove the rain streaks from this picture"
     args = ["--task", "derain", "--instruction", text, "--steps", 1, "--seed", 5, "--quiet"]
+    args += ["--runtime", "openvino", "--precision", "fp32"]
     assert run(dataset, "--model", f"onnx={tiny_artifacts}", *args, "--out", tmp_path / "command").exit_code == 0
     spec = EvaluationSpec(
-        dataset, {"onnx": str(tiny_artifacts)}, EditParams(steps=1, seed=5), tasks=("derain",), instruction=text
+        dataset,
+        {"onnx": str(tiny_artifacts)},
+        EditParams(steps=1, seed=5),
+        tasks=("derain",),
+        instruction=text,
+        runtime="openvino",  # the command's --runtime; its default reads ITSD_RUNTIME, which conftest sets
+        precision="fp32",
     )
     notes: list[str] = []
     report = evaluate_models(spec, tmp_path / "library", progress=False, report=notes.append)
