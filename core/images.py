@@ -204,7 +204,7 @@ def restore_size(pixels: np.ndarray, size: tuple[int, int]) -> Image.Image:
 def encode_image(image: Image.Image, name: str, source: Image.Image | None = None, keep: str = "all") -> bytes:
     """Encode for a file called `name`, in the format its suffix names (PNG when unknown). With the decoded
     `source` it was edited from: its ICC profile, its alpha channel where the format has one, its greyness, and
-    what `keep` (core.metadata.KEEP) keeps of its metadata."""
+    what `keep` (of core.params.KEEP) keeps of its metadata."""
     fmt = _FORMATS.get(Path(name).suffix.lower(), "PNG")
     options: dict[str, object] = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     info = source.info if source is not None else {}

@@ -3,10 +3,11 @@
 They are read from the source file when it is decoded (`read_metadata`, before its orientation is applied) and
 written into the output by its format's own means (`save_options`): EXIF into JPEG, PNG, WebP and TIFF; XMP into
 the same four; IPTC into JPEG (Photoshop APP13) and TIFF. The pixels are upright by then, so the EXIF and XMP
-orientation become 1; EXIF's thumbnail (IFD1) and the source file's own layout tags (strips, bits per sample, ...)
-are not copied, and the EXIF pixel dimensions become the output's. What to keep is one of `KEEP`: everything,
-everything but location (the GPS IFD and XMP's exif:GPS properties), or nothing (`--strip-gps`,
-`--strip-metadata`). The ICC profile is not metadata here: it says what the pixel values mean (core.images).
+orientation become 1; EXIF's thumbnail (IFD1) and the source file's own layout tags (strips, bits per sample,
+...) are not copied, and the EXIF pixel dimensions become the output's. What to keep is one of
+`core.params.KEEP`: everything, everything but location (the GPS IFD and XMP's exif:GPS properties), or nothing
+(`--strip-gps`, `--strip-metadata`). The ICC profile is not metadata here: it says what the pixel values mean
+(core.images).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from PIL.PngImagePlugin import PngInfo
 log = logging.getLogger(__name__)
 
 METADATA = "itsd_metadata"  # the info key under which a decoded image keeps its source's Metadata
-KEEP = ("all", "no-gps", "none")  # what an output keeps: all of it, all but location, nothing
 
 _ORIENTATION, _XMP_TAG, _IPTC_TAG = 0x0112, 700, 33723
 _PIXEL_SIZE = (0xA002, 0xA003)  # Exif IFD: PixelXDimension, PixelYDimension
@@ -74,7 +74,8 @@ def read_metadata(image: Image.Image) -> Metadata:
 
 
 def save_options(metadata: Metadata | None, fmt: str, size: tuple[int, int], keep: str) -> dict[str, Any]:
-    """Pillow save options that put `metadata` (what `keep` keeps of it) into an image of `size` in `fmt`."""
+    """Pillow save options that put `metadata` (what `keep`, of core.params.KEEP, keeps of it) into an image of
+    `size` in `fmt`."""
     if metadata is None or keep == "none" or fmt not in ("JPEG", "PNG", "WEBP", "TIFF"):
         return {}
     exif = _exif(metadata, size, keep)

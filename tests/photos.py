@@ -135,3 +135,43 @@ def cmyk_profile() -> bytes:
 
 
 INKS = {"cyan": (0, 160, 227), "magenta": (230, 0, 126), "yellow": (255, 237, 0)}  # sRGB colours of the test inks
+
+
+CAMERA_FORMATS = ("a.jpg", "b.png", "c.webp", "d.tiff")
+
+
+def photo_collection(folder: Path, photo: Image.Image) -> Path:
+    """An archive in `folder`: `photo` from a camera in each output format (CAMERA_FORMATS, full metadata), a grey
+    scan (grey.png, 8-bit) and a 16-bit one (scan16.png), and a CMYK print (print.jpg) with its profile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CAMERA_FORMATS:
+        save_camera_photo(photo, folder / name)
+    grey = photo.convert("L")
+    grey.save(folder / "grey.png")
+    Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257).save(folder / "scan16.png")
+    photo.convert("CMYK").save(folder / "print.jpg", icc_profile=cmyk_profile(), quality=95)
+    return folder
+
+
+def check_collection(out: Path, size: tuple[int, int], gps: bool = True) -> None:
+    """The edited archive in `out` kept what `photo_collection` put in: every camera photo its capture date, camera,
+    lens, XMP and (JPEG, TIFF) IPTC, upright at `size` (its width and height swapped by orientation 6), its
+    location only with `gps`; the scans grey in their own bit depth; the print sRGB."""
+    for name in CAMERA_FORMATS:
+        with Image.open(out / name) as image:
+            exif = image.getexif()
+            taken = exif.get_ifd(ExifTags.IFD.Exif)
+            assert image.size == size[::-1] and exif[ExifTags.Base.Orientation] == 1, name
+            assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model]) == (MAKE, MODEL), name
+            assert (taken[ExifTags.Base.DateTimeOriginal], taken[ExifTags.Base.LensModel]) == (TAKEN, LENS), name
+            assert bool(exif.get_ifd(ExifTags.IFD.GPSInfo)) == gps, name
+            assert b"<dc:title>" in image.info["xmp"] and (b"GPSLatitude" in image.info["xmp"]) == gps, name
+            if name in ("a.jpg", "d.tiff"):
+                assert caption(image) == CAPTION, name
+    with (
+        Image.open(out / "grey.png") as grey,
+        Image.open(out / "scan16.png") as scan,
+        Image.open(out / "print.jpg") as cmyk,
+    ):
+        assert (grey.mode, scan.mode, cmyk.mode) == ("L", "I;16", "RGB")
+        assert cmyk.info["icc_profile"][16:20] == b"RGB "
