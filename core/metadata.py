@@ -69,7 +69,7 @@ def read_metadata(image: Image.Image) -> Metadata:
         exif_ifd=exif_ifd,
         gps=dict(exif.get_ifd(ExifTags.IFD.GPSInfo)),
         xmp=_upright(xmp.encode() if isinstance(xmp, str) else bytes(xmp)),
-        iptc=bytes(iptc) if isinstance(iptc, bytes | tuple) else b"",
+        iptc=iptc if isinstance(iptc, bytes) else b"",  # a TIFF tag typed LONG, Pillow reads as one number: lost
     )
 
 
@@ -94,9 +94,7 @@ def save_options(metadata: Metadata | None, fmt: str, size: tuple[int, int], kee
         options["pnginfo"] = info
     elif xmp:
         options["xmp"] = xmp
-    if fmt == "JPEG":
-        options.update(_fitting_jpeg(options, metadata.iptc))
-    return options
+    return _fitting_jpeg(options, metadata.iptc) if fmt == "JPEG" else options
 
 
 def _exif(metadata: Metadata, size: tuple[int, int], keep: str) -> Image.Exif:

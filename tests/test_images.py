@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from core.images import (
     to_uint8,
     working_size,
 )
+from core.metadata import METADATA
 from tests.conftest import photo
 from tests.photos import CAPTION, INKS, LENS, MAKE, MODEL, TAKEN, caption, cmyk_profile, save_camera_photo
 
@@ -274,3 +276,12 @@ def test_a_cmyk_jpeg_is_converted_through_its_own_profile_to_srgb():
     assert written.mode == "RGB" and written.info["icc_profile"][16:20] == b"RGB "
     without = decode_image(encoded(cmyk, "JPEG", quality=100))  # no profile: the plain conversion, as before
     assert np.abs(np.asarray(without, dtype=np.int16)[4, 4] - [0, 255, 255]).max() <= 3
+
+
+def test_xmp_too_long_for_a_jpeg_segment_is_left_out_and_the_rest_is_kept(tmp_path, caplog):
+    save_camera_photo(photo(30, 20), tmp_path / "a.png")
+    source = read_image_file(tmp_path / "a.png")
+    source.info[METADATA] = replace(source.info[METADATA], xmp=b"<x>" + b" " * 70_000 + b"</x>")
+    out = Image.open(io.BytesIO(encode_image(source, "o.jpg", source=source)))
+    assert out.getexif()[ExifTags.Base.Make] == MAKE and "xmp" not in out.info
+    assert "the source's xmp (70007 bytes) does not fit a JPEG segment; left out" in caplog.text
