@@ -36,6 +36,7 @@ PROJECT_DEFAULTS: dict[str, float] = {
     "detail": 1.0,  # of the tiled pass's finer scale on top of the whole photo's view (core.overview): all of it
     "guidance_until": 1.0,  # the fraction of the steps that run classifier-free guidance: all of them
 }
+KEEP = ("all", "no-gps", "none")  # of the photo's metadata (core.metadata), what an output keeps
 # What a model's edit_defaults.json may set: a few-step model (an LCM-LoRA fused in) carries its sampler too.
 MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side", "scheduler")
 
@@ -62,6 +63,8 @@ class EditParams:
     # of its global view (0: the view enlarged); None: the model's default, else 1
     guidance_until: float | None = None  # 0..1: the fraction of the steps, from the first, that run guided; the
     # rest run the text+image copy alone (a third of a 3-copy step's UNet work); None: the model's default, else 1
+    metadata: str = "all"  # of KEEP: what the output keeps of the photo's EXIF, XMP and IPTC (--strip-gps: no-gps,
+    # --strip-metadata: none); left out of the JSON when "all", so jobs (and their ids) from before it stay the same
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +91,8 @@ class EditParams:
         for name in ("detail", "guidance_until"):
             if (value := getattr(self, name)) is not None and not 0.0 <= value <= 1.0:
                 problems.append(f"{name} must be 0..1, got {value}")
+        if self.metadata not in KEEP:
+            problems.append(f"metadata must be one of {', '.join(KEEP)}, got {self.metadata!r}")
         if self.max_side is not None and not LATENT_MULTIPLE <= self.max_side <= MAX_SIDE:
             problems.append(f"max_side must be {LATENT_MULTIPLE}..{MAX_SIDE}, got {self.max_side}")
         if problems:
@@ -114,7 +119,10 @@ class EditParams:
         return math.ceil(round(self.guidance_until * self.steps, 6)) if self.guided else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["metadata"] == "all":
+            del data["metadata"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditParams:

@@ -21,7 +21,7 @@ def _model_default(name: str) -> str:
 
 
 def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --steps ... --max-side to a command; it receives them as one `params: EditParams`."""
+    """Add --steps ... --strip-metadata to a command; it receives them as one `params: EditParams`."""
     options = [
         click.option(
             "--steps",
@@ -73,6 +73,17 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "UNet copy instead of three (0.4 of 20 steps: 36 UNet evaluations instead of 60). "
             f"{_model_default('guidance_until')}",
         ),
+        click.option(
+            "--strip-gps",
+            is_flag=True,
+            help="Leave the location out of the outputs (EXIF's GPS, XMP's GPS); the rest of the photo's metadata "
+            "stays. [default: outputs keep the photo's EXIF, XMP and IPTC]",
+        ),
+        click.option(
+            "--strip-metadata",
+            is_flag=True,
+            help="Leave all of the photo's EXIF, XMP and IPTC out of the outputs (the colour profile stays).",
+        ),
     ]
 
     @functools.wraps(command)
@@ -86,11 +97,14 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         max_side: int | None,
         detail: float | None,
         guidance_until: float | None,
+        strip_gps: bool,
+        strip_metadata: bool,
         **kwargs: Any,
     ) -> Any:
+        metadata = "none" if strip_metadata else "no-gps" if strip_gps else "all"
         try:
             params = EditParams(
-                steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail, guidance_until
+                steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail, guidance_until, metadata
             )
         except InvalidParameters as exc:
             raise click.BadParameter(str(exc)) from None

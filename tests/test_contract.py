@@ -91,6 +91,7 @@ def test_edit_defaults_file_is_optional_and_checked(tmp_path):
         ({"seed": 1.5}, "seed must be an integer"),
         ({"max_side": 100.5}, "max_side must be an integer"),
         ({"scheduler": 5}, "scheduler must be a name"),
+        ({"metadata": "gps"}, "metadata must be one of all, no-gps, none"),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_field(kwargs, reason):
@@ -146,8 +147,18 @@ def test_job_ids_change_with_anything_that_changes_the_output_or_where_it_goes()
         job_id_for("abc", "Cartoonize", EditParams(seed=1), "m2", "a.png"),
         job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1", "copy/a.png"),  # the same bytes elsewhere
         job_id_for("abc", "Cartoonize", EditParams(seed=1, guidance_until=0.4), "m1", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=1, metadata="no-gps"), "m1", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=1, metadata="none"), "m1", "a.png"),
     }
-    assert len(others | {base}) == 7
+    assert len(others | {base}) == 9
+
+
+def test_a_job_that_keeps_the_photos_metadata_has_the_id_and_json_it_had_before_the_strip_options():
+    params = EditParams(seed=1)  # what every job was before --strip-gps and --strip-metadata
+    assert "metadata" not in params.to_dict() and EditParams.from_dict(params.to_dict()) == params
+    assert job_id_for("abc", "Cartoonize", params, "m1", "a.png") == "14e533b42737946064d995b6328eda19"
+    stripped = EditParams(seed=1, metadata="no-gps")
+    assert EditParams.from_dict(json.loads(json.dumps(stripped.to_dict()))) == stripped
 
 
 def test_settings_read_the_environment():

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import photo
 from fleet import itsd, submit, workers
+from photos import check_collection, photo_collection
 from PIL import Image
 
 from core.images import psnr
@@ -106,6 +107,20 @@ def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_
     assert "4 done" in run.stdout and "1 failed" in run.stdout
     assert "invalid_image: cannot decode" in run.stderr
     assert len(list((tmp_path / "out").rglob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_fleet_jobs_give_each_photo_back_its_metadata_in_every_format_and_strip_gps_when_asked(
+    redis, tiny_artifacts, tmp_path
+):
+    inputs = photo_collection(tmp_path / "in", photo(64, 48))
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        kept = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", "--wait", *STEPS)
+        stripped = submit(redis.url, str(inputs), str(tmp_path / "pub"), "Derain", "--wait", "--strip-gps", *STEPS)
+    assert kept.returncode == 0 and "7 done" in kept.stdout, kept.stdout + kept.stderr
+    assert stripped.returncode == 0 and "7 done" in stripped.stdout, stripped.stdout + stripped.stderr
+    check_collection(tmp_path / "out", (64, 48))
+    check_collection(tmp_path / "pub", (64, 48), gps=False)
 
 
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop

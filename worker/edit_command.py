@@ -112,7 +112,9 @@ def edit(
             image = read_image_file(item.path, settings.max_pixels, settings.max_input_bytes)
             with TileProgress(item.relative.name, disable=quiet) as tiles:
                 result = edit_image(pipeline, image, instruction, params, Tiling(batch=tile_batch), tiles.update)
-            write_atomic(out / item.relative, encode_image(result.image, item.relative.name, source=image))
+            write_atomic(
+                out / item.relative, encode_image(result.image, item.relative.name, source=image, keep=params.metadata)
+            )
         except (ItsdError, OSError) as exc:  # OSError: the output could not be written
             failures += 1
             reason = exc if isinstance(exc, ItsdError) else f"cannot write output: {exc.strerror or exc}"

@@ -175,7 +175,7 @@ class EditService:
         for stage, seconds in getattr(backend, "timings", {}).items():
             watch.timings[f"edit.{stage}"] = round(seconds - before.get(stage, 0.0), 6)
         name = job.relative or (job.output_uri or "output.png").rsplit("/", 1)[-1]
-        encoded = encode_image(edit.image, name, source=image)
+        encoded = encode_image(edit.image, name, source=image, keep=job.params.metadata)
         watch.lap("encode")
         if job.output_uri is None:
             self.client.hset(keys.outputs, job.job_id, base64.b64encode(encoded))
