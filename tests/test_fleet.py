@@ -310,19 +310,26 @@ def test_sigquit_hands_a_running_job_back_after_the_soft_shutdown_timeout(redis,
 
 
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
-def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
+def test_a_pickle_message_is_refused_dead_lettered_with_its_reason_and_the_worker_goes_on(
+    redis, tiny_artifacts, tmp_path
+):
     from celery import Celery
 
     inputs = photos(tmp_path / "in", 1)
+    client = redis_client(redis.url)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}) as (worker,):
         sender = Celery(broker=redis.url)
         sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
-        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle")
+        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle", task_id="p1")
         run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
         assert run.returncode == 0 and "1 done" in run.stdout
+        assert worker.alive()
     assert "untrusted content of type pickle" in worker.log_path.read_text()
-    assert "pickled" not in json.dumps([json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)])
-    assert redis_client(redis.url).llen("itsd.a") == 0  # refused, not left to be delivered again
+    (dead,) = [d for d in (json.loads(e) for e in client.lrange(Keys.dead, 0, -1)) if d["job"].get("task_id") == "p1"]
+    assert dead["error_type"] == "schema" and dead["job"]["content_type"] == "application/x-python-serialize"
+    assert "message refused: Refusing to deserialize untrusted content of type pickle" in dead["error_message"]
+    assert dead["job"]["task"] == TASK_NAME and dead["worker"].startswith("w0@")
+    assert client.llen("itsd.a") == 0  # refused, not left to be delivered again
 
 
 def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
