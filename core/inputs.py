@@ -28,6 +28,12 @@ class Rejected:
     where: str  # the input, or the manifest and line, as the user gave it
     error: ItsdError
 
+    @property
+    def message(self) -> str:
+        """Where, then why; the input once, when the reason already starts with it (as access errors do)."""
+        reason = str(self.error)
+        return reason if reason.startswith(f"{self.where}: ") else f"{self.where}: {reason}"
+
 
 def within(path: Path, root: Path) -> None:
     """The symlink rule: `path`, its links followed, must lie under `root` (the folder it was found through)."""

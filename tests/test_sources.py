@@ -166,3 +166,22 @@ def test_a_symlink_out_of_the_folder_it_was_found_in_fails_alone_and_one_within_
     sources, rejected = collect_sources([str(tmp_path / "in"), str(manifest)], "x", EditParams(), Access())
     assert sorted(str(s.relative) for s in sources) == ["a.png", "b.png"]
     assert sorted(r.where for r in rejected) == [f"{manifest}:1", str(tmp_path / "in" / "out.png")]
+
+
+def test_itsd_edit_refuses_a_symlink_out_of_its_folder_alone_and_edits_the_rest(tiny_artifacts, tmp_path):
+    from click.testing import CliRunner
+
+    from producer.cli import itsd
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "in" / "a.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "elsewhere" / "secret.png")
+    (tmp_path / "in" / "out.png").symlink_to(tmp_path / "elsewhere" / "secret.png")
+    args = ["edit", str(tmp_path / "in"), "-m", str(tiny_artifacts), "-i", "x", "-o", str(tmp_path / "out"), "-q"]
+    result = CliRunner().invoke(itsd, [*args, "--steps", "1", "--max-side", "64"])
+    assert result.exit_code == 1 and "edited 1/2 image(s)" in result.output and "1 failed" in result.output
+    assert (
+        f"failed: {tmp_path / 'in' / 'out.png'}: a symlink to {tmp_path / 'elsewhere' / 'secret.png'}" in result.output
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]

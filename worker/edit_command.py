@@ -101,7 +101,7 @@ def edit(
     settings = Settings.from_env()
     inputs, refused = expand(list(images))
     for bad in refused:  # a symlink out of its folder: refused alone, as `itsd run` refuses it
-        click.echo(f"failed: {bad.where}: {bad.error}", err=True)
+        click.echo(f"failed: {bad.message}", err=True)
     if not inputs and not refused:
         raise click.ClickException(f"no images found in {' '.join(images)}")
     check_destination(inputs, out)
