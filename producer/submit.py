@@ -182,6 +182,8 @@ def submit(
         submission = submit_batch(broker, sources, rejected, destination, model, inline, overwrite, bar.update)
     report(broker, submission)
     if not wait:
+        if submission.failed:  # refused here (a bad row, an input the workers would refuse): say why now
+            echo_failures(broker, submission.batch_id)
         click.echo(f"follow it with: itsd status {submission.batch_id}")
         return
     finish(broker, submission.batch_id, Path(out) if inline else None, quiet)

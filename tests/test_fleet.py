@@ -110,9 +110,10 @@ def test_submit_fetches_no_url_the_workers_refuse_and_each_bad_input_fails_alone
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     url = f"http://127.0.0.1:{port}/d.png"
     env = {"ITSD_URL_SCHEMES": "file"}  # as the workers': local paths only
-    args = ["submit", str(manifest), url, "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"), "--wait", *STEPS]
+    args = ["submit", str(manifest), url, "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"), *STEPS]
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
-        run = itsd(redis.url, *args, env=env)
+        run = itsd(redis.url, *args, "--wait", env=env)
+        again = itsd(redis.url, *args, env=env)  # without --wait: the same batch, its refusals said at once
         to_url = itsd(
             redis.url, "submit", str(manifest), "-i", "x", "-m", "a", "-o", f"http://127.0.0.1:{port}/o", env=env
         )
@@ -125,6 +126,8 @@ def test_submit_fetches_no_url_the_workers_refuse_and_each_bad_input_fails_alone
     ]
     for line in said:
         assert f"{line} is not allowed (allowed: file; ITSD_URL_SCHEMES)" in run.stderr, run.stderr
+        assert f"{line} is not allowed" in again.stderr, again.stderr
+    assert again.returncode == 0 and "0 queued, 1 already done, 3 refused" in again.stdout
     assert to_url.returncode == 2 and "http:// is not allowed" in to_url.stderr
     assert (tmp_path / "out" / "set0" / "p000.png").is_file()
     assert contacts == []
