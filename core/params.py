@@ -41,7 +41,7 @@ KEEP = ("all", "no-gps", "none")  # of the photo's metadata (core.metadata), wha
 MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side", "scheduler")
 
 
-MAX_GUIDANCE = 100.0  # far above any useful scale (7.5 is usual, 20 already burns); 1e308 overflowed to NaN
+MAX_GUIDANCE = 100  # far above any useful scale (7.5 is usual, 20 already burns); 1e308 overflowed to NaN
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,12 @@ class Limit:
 # (producer.options) and manifest cells (producer.sources) parse by them.
 LIMITS = {
     "steps": Limit(True, 1, 1000),
-    "guidance_scale": Limit(False, 0.0, MAX_GUIDANCE),
-    "image_guidance_scale": Limit(False, 0.0, MAX_GUIDANCE),
+    "guidance_scale": Limit(False, 0, MAX_GUIDANCE),
+    "image_guidance_scale": Limit(False, 0, MAX_GUIDANCE),
     "seed": Limit(True, 0, 2**63 - 1),
     "max_side": Limit(True, LATENT_MULTIPLE, MAX_SIDE),
-    "detail": Limit(False, 0.0, 1.0),
-    "guidance_until": Limit(False, 0.0, 1.0),
+    "detail": Limit(False, 0, 1),
+    "guidance_until": Limit(False, 0, 1),
 }
 
 
