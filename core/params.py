@@ -41,13 +41,33 @@ KEEP = ("all", "no-gps", "none")  # of the photo's metadata (core.metadata), wha
 MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side", "scheduler")
 
 
-_WHOLE = ("steps", "seed", "max_side")  # EditParams fields that must be integers (bools are not)
-_NUMBERS = (
-    "guidance_scale",
-    "image_guidance_scale",
-    "detail",
-    "guidance_until",
-)  # and those that must be finite numbers
+MAX_GUIDANCE = 100  # far above any useful scale (7.5 is usual, 20 already burns); 1e308 overflowed to NaN
+
+
+@dataclass(frozen=True)
+class Limit:
+    whole: bool  # an integer (bools are not); else any finite number
+    low: float  # inclusive
+    high: float  # inclusive
+
+    @property
+    def span(self) -> str:
+        """The range as people read it: `1..1000`, `0..100`."""
+        show = (lambda x: str(int(x))) if self.whole else (lambda x: f"{x:g}")
+        return f"{show(self.low)}..{show(self.high)}"
+
+
+# Each numeric edit parameter's kind and range, declared once: EditParams checks them, the CLI's options
+# (producer.options) and manifest cells (producer.sources) parse by them.
+LIMITS = {
+    "steps": Limit(True, 1, 1000),
+    "guidance_scale": Limit(False, 0, MAX_GUIDANCE),
+    "image_guidance_scale": Limit(False, 0, MAX_GUIDANCE),
+    "seed": Limit(True, 0, 2**63 - 1),
+    "max_side": Limit(True, LATENT_MULTIPLE, MAX_SIDE),
+    "detail": Limit(False, 0, 1),
+    "guidance_until": Limit(False, 0, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -68,33 +88,22 @@ class EditParams:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in (*_WHOLE, *_NUMBERS):
-            value, whole = getattr(self, name), name in _WHOLE
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
-                problems.append(f"{name} must be {'an integer' if whole else 'a number'}, got {value!r}")
-            elif not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int if limit.whole else int | float):
+                problems.append(f"{name} must be {'an integer' if limit.whole else 'a number'}, got {value!r}")
+            elif not limit.whole and not math.isfinite(value):  # (an int is; a huge one would not fit a float)
                 problems.append(f"{name} must be finite, got {value!r}")
+            elif not limit.low <= value <= limit.high:
+                problems.append(f"{name} must be {limit.span}, got {value}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             problems.append(f"scheduler must be a name, got {self.scheduler!r}")
-        if problems:  # the ranges below can only be checked on values of the right type
-            raise InvalidParameters("; ".join(problems))
-        if self.steps is not None and not 1 <= self.steps <= 1000:
-            problems.append(f"steps must be 1..1000, got {self.steps}")
-        if any(scale is not None and scale < 0 for scale in (self.guidance_scale, self.image_guidance_scale)):
-            problems.append("guidance scales must be >= 0")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+        elif self.scheduler is not None and self.scheduler not in SCHEDULERS:
             problems.append(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        for name in ("detail", "guidance_until"):
-            if (value := getattr(self, name)) is not None and not 0.0 <= value <= 1.0:
-                problems.append(f"{name} must be 0..1, got {value}")
         if self.metadata not in KEEP:
             problems.append(f"metadata must be one of {', '.join(KEEP)}, got {self.metadata!r}")
-        if self.max_side is not None and not LATENT_MULTIPLE <= self.max_side <= MAX_SIDE:
-            problems.append(f"max_side must be {LATENT_MULTIPLE}..{MAX_SIDE}, got {self.max_side}")
         if problems:
             raise InvalidParameters("; ".join(problems))
 

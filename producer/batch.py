@@ -135,8 +135,7 @@ def read_jobs(
     """Each source's job (its input read, in parallel, for the job id), and a failed result for each input that
     could not be read or was rejected before."""
     refused = [
-        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
-        for r in rejected
+        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=r.message) for r in rejected
     ]
     jobs: list[Job] = []
     max_bytes = broker.settings.max_input_bytes
