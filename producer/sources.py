@@ -29,7 +29,11 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 # How a manifest cell given as text (CSV's are all text) becomes each EditParams field: ranges and finiteness are
 # then EditParams' (core.params.LIMITS, as the CLI's options); a JSON number or bool goes to EditParams as it is,
 # so 2.9 steps, a seed of 7.8 or true are refused there, never rounded or counted as 1.
-PARAM_PARSERS = {**{name: int if limit.whole else float for name, limit in LIMITS.items()}, "scheduler": str}
+PARAM_PARSERS = {
+    **{name: int if limit.whole else float for name, limit in LIMITS.items()},
+    "scheduler": str,
+    "metadata": str,  # all, no-gps or none (--strip-gps, --strip-metadata)
+}
 TEXT_COLUMNS = ("input", "instruction", "output")
 
 

@@ -51,6 +51,15 @@ def test_a_manifest_row_may_set_detail_and_a_bad_one_fails_alone(tmp_path):
         assert "detail must be 0..1" in str(rejected[0].error)
 
 
+def test_a_manifest_row_may_strip_metadata_and_an_unknown_choice_fails_alone(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "jobs.csv").write_text("input,output,metadata\na.png,,no-gps\na.png,b.png,\na.png,c.png,some\n")
+    sources, rejected = collect_sources([str(tmp_path / "jobs.csv")], "x", EditParams(steps=2), Access())
+    assert [s.params.metadata for s in sources] == ["no-gps", "all"]
+    assert [r.where.rsplit(":", 1)[1] for r in rejected] == ["4"]
+    assert "metadata must be one of all, no-gps, none" in str(rejected[0].error)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
 def test_an_input_that_is_no_regular_file_or_too_large_is_refused_before_reading(tmp_path, kind):
     if kind == "fifo":
