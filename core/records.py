@@ -5,6 +5,7 @@ messages under its own names; these are itsd's."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,27 @@ class Keys:
 
 
 FAILURES_KEPT = 20  # the latest failed results a batch keeps for live views
+
+
+def dead_letter(
+    client: Any,
+    job: dict[str, Any],
+    error_type: str | None,
+    error_message: str | None,
+    attempts: int = 0,
+    worker: str | None = None,
+) -> None:
+    """Add an entry to the dead-letter list (`Keys.dead`): a job's payload, or what is known of a message that
+    was no job, with the reason."""
+    entry = {
+        "job": job,
+        "error_type": error_type,
+        "error_message": error_message,
+        "attempts": attempts,
+        "worker": worker,
+        "at": time.time(),
+    }
+    client.lpush(Keys.dead, json.dumps(entry))
 
 
 def record_result(client: Any, keys: Keys, result: dict[str, Any], expires: int, first: bool = False) -> bool:

@@ -156,10 +156,7 @@ def read_jobs(
 
 def refusals(rejected: list[Rejected]) -> list[Result]:
     """A failed result for each input rejected before it was read (a bad manifest row, a missing file)."""
-    return [
-        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
-        for r in rejected
-    ]
+    return [Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=r.message) for r in rejected]
 
 
 def unfinished(client: Any, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool) -> list[Job]:

@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from core.job import Result
-from core.storage import join_uri
+from core.storage import join_uri, locate
 from producer.batch import per_worker
 from producer.sheet import write_contact_sheet
 from producer.sources import BatchInput
@@ -59,9 +59,9 @@ def sheet_rows(sources: list[BatchInput], out: Path) -> list[tuple[Path, Path, s
     """(input, output, caption) of every image of the batch with a local input and an output, by output."""
     rows = []
     for source in sorted(sources, key=lambda s: output_of(s, out)):
-        output = Path(output_of(source, out))
-        if "://" not in source.uri and output.is_file():
-            rows.append((Path(source.uri), output, f"{source.relative}: {source.instruction}"))
+        local, output = locate(source.uri).path, Path(output_of(source, out))
+        if local is not None and output.is_file():
+            rows.append((local, output, f"{source.relative}: {source.instruction}"))
     return rows
 
 

@@ -28,6 +28,7 @@ from core.manifest import Manifest
 from core.params import EditParams
 from core.redis_url import check_broker_url
 from core.settings import Settings
+from core.storage import locate
 from producer.batch import Broker, refusals, results, submit_batch
 from producer.local import LocalWorker, RedisServer, wait_registered
 from producer.models import artifacts_for
@@ -48,8 +49,9 @@ Say = Callable[[str], None]  # a status line on stderr (nothing under --quiet)
 
 
 def local_roots(sources: list[BatchInput], out: Path) -> dict[str, str]:
-    """The roots the local workers need: the folders of this batch's local inputs, and OUT."""
-    folders = sorted({Path(s.uri).parent.resolve() for s in sources if "://" not in s.uri})
+    """The roots the local workers need: the folders of this batch's local inputs (of what a symlink names: the
+    sources allow only links within the folder they were found in), and OUT."""
+    folders = sorted({local.resolve().parent for s in sources if (local := locate(s.uri).path) is not None})
     top = [f for f in folders if not any(f != other and f.is_relative_to(other) for other in folders)]
     return {"ITSD_INPUT_ROOTS": os.pathsep.join(map(str, top)), "ITSD_OUTPUT_ROOTS": str(out.resolve())}
 
@@ -105,17 +107,18 @@ def run(
 ) -> None:
     """Edit INPUTS... (files, folders, globs, manifests) on this machine: start Redis and workers, run
     the batch with a progress bar, stop everything. Outputs mirror the inputs under OUT, with a summary
-    (itsd-run.json) and a before/after contact sheet (itsd-contact-sheet.jpg)."""
+    (itsd-run.json) and a before/after contact sheet (itsd-contact-sheet.jpg). A symlink is followed; what it
+    names must lie under the folder it was found in (a folder given, or a named file's own), else it fails alone."""
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     settings = Settings.from_env()
     start = time.perf_counter()
     try:
-        sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params)
+        sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params, settings.access)
         if any(not s.instruction for s in sources):
             raise missing_instruction(instruction)
         if not sources and not rejected:
             raise click.ClickException(f"no images found in {' '.join(inputs)}")
-        check_destination([InputFile(Path(s.uri), s.relative) for s in sources if "://" not in s.uri], out)
+        check_destination([InputFile(Path(s.uri), s.relative) for s in sources if locate(s.uri).path], out)
         artifacts = artifacts_for(model, settings, say)
         manifest = Manifest.read(artifacts)
         info = {

@@ -14,6 +14,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from core.errors import ItsdError
 from core.inputs import safe_relative
 from core.job import Job
 from core.params import EditParams
@@ -164,9 +165,15 @@ def submit(
     broker: Broker,
 ) -> None:
     """Queue INPUTS... (files, folders, globs, URLs, or .csv/.jsonl manifests) as one batch and print
-    its id. Submitting the same batch again resumes it: finished jobs are not recomputed."""
-    destination = out if "://" in out else str(Path(out).resolve())
-    sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params)
+    its id. Submitting the same batch again resumes it: finished jobs are not recomputed. Only URLs of the schemes
+    the workers allow (ITSD_URL_SCHEMES) are read here; a symlink must name a file under the folder it was found in
+    (a folder given, or a named file's own). Either fails alone otherwise."""
+    try:  # a destination the workers would refuse is not checked for outputs from here either
+        local = broker.settings.access.check_scheme(out).path
+    except ItsdError as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    destination = out if local is None else str(local.resolve())
+    sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params, broker.settings.access)
     if any(not s.instruction for s in sources):
         raise missing_instruction(instruction)
     if not sources and not rejected:
@@ -175,6 +182,8 @@ def submit(
         submission = submit_batch(broker, sources, rejected, destination, model, inline, overwrite, bar.update)
     report(broker, submission)
     if not wait:
+        if submission.failed:  # refused here (a bad row, an input the workers would refuse): say why now
+            echo_failures(broker, submission.batch_id)
         click.echo(f"follow it with: itsd status {submission.batch_id}")
         return
     finish(broker, submission.batch_id, Path(out) if inline else None, quiet)

@@ -59,3 +59,41 @@ def tmpfs(tmp_path: Path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+@pytest.fixture
+def listener():
+    """A real HTTP server on a loopback port that answers any GET or HEAD with a small PNG, and records every
+    connection made to it: yields `(port, contacts)`. A test that must reach nothing asserts `contacts == []`."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    buffer = io.BytesIO()
+    photo(8, 8).save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.do_HEAD()
+            self.wfile.write(body)
+
+    contacts: list[tuple[str, int]] = []
+
+    class Recording(ThreadingHTTPServer):
+        def verify_request(self, request, client_address) -> bool:  # every connection, even one that sends nothing
+            contacts.append(client_address)
+            return True
+
+    server = Recording(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], contacts
+    server.shutdown()
+    server.server_close()

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import photo
 from fleet import itsd, submit, workers
+from photos import check_collection, photo_collection
 from PIL import Image
 
 from core.images import psnr
@@ -97,6 +98,41 @@ def test_fifty_images_match_itsd_edit_and_a_second_submit_recomputes_nothing(red
         assert np.array_equal(fleet, np.asarray(Image.open(tmp_path / "ref" / relative))), relative
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
+def test_submit_fetches_no_url_the_workers_refuse_and_each_bad_input_fails_alone_by_line(
+    redis, tiny_artifacts, tmp_path, listener
+):
+    port, contacts = listener
+    photos(tmp_path / "in", 1)
+    refused = [f"ftp://127.0.0.1:{port}/b.png", f"http://127.0.0.1:{port}/c.png"]
+    manifest = tmp_path / "in" / "jobs.jsonl"
+    rows = [{"input": "set0/p000.png"}, {"input": refused[0]}, {"input": refused[1], "output": "c.png"}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    url = f"http://127.0.0.1:{port}/d.png"
+    env = {"ITSD_URL_SCHEMES": "file"}  # as the workers': local paths only
+    args = ["submit", str(manifest), url, "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"), *STEPS]
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
+        run = itsd(redis.url, *args, "--wait", env=env)
+        again = itsd(redis.url, *args, env=env)  # without --wait: the same batch, its refusals said at once
+        to_url = itsd(
+            redis.url, "submit", str(manifest), "-i", "x", "-m", "a", "-o", f"http://127.0.0.1:{port}/o", env=env
+        )
+    assert run.returncode == 1 and "1 done, 0 skipped (already there), 3 failed of 4" in run.stdout, run.stderr
+    assert "Traceback" not in run.stderr and "no such file" not in run.stderr
+    said = [
+        f"{manifest}:2: {refused[0]}: ftp://",
+        f"{manifest}:3: {refused[1]}: http://",
+        f"outside_roots: {url}: http://",  # the input named once
+    ]
+    for line in said:
+        assert f"{line} is not allowed (allowed: file; ITSD_URL_SCHEMES)" in run.stderr, run.stderr
+        assert f"{line} is not allowed" in again.stderr, again.stderr
+    assert again.returncode == 0 and "0 queued, 1 already done, 3 refused" in again.stdout
+    assert to_url.returncode == 2 and "http:// is not allowed" in to_url.stderr
+    assert (tmp_path / "out" / "set0" / "p000.png").is_file()
+    assert contacts == []
+
+
 def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 4)
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
@@ -106,6 +142,20 @@ def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_
     assert "4 done" in run.stdout and "1 failed" in run.stdout
     assert "invalid_image: cannot decode" in run.stderr
     assert len(list((tmp_path / "out").rglob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_fleet_jobs_give_each_photo_back_its_metadata_in_every_format_and_strip_gps_when_asked(
+    redis, tiny_artifacts, tmp_path
+):
+    inputs = photo_collection(tmp_path / "in", photo(64, 48))
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        kept = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", "--wait", *STEPS)
+        stripped = submit(redis.url, str(inputs), str(tmp_path / "pub"), "Derain", "--wait", "--strip-gps", *STEPS)
+    assert kept.returncode == 0 and "7 done" in kept.stdout, kept.stdout + kept.stderr
+    assert stripped.returncode == 0 and "7 done" in stripped.stdout, stripped.stdout + stripped.stderr
+    check_collection(tmp_path / "out", (64, 48))
+    check_collection(tmp_path / "pub", (64, 48), gps=False)
 
 
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
@@ -295,19 +345,26 @@ def test_sigquit_hands_a_running_job_back_after_the_soft_shutdown_timeout(redis,
 
 
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
-def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
+def test_a_pickle_message_is_refused_dead_lettered_with_its_reason_and_the_worker_goes_on(
+    redis, tiny_artifacts, tmp_path
+):
     from celery import Celery
 
     inputs = photos(tmp_path / "in", 1)
+    client = redis_client(redis.url)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}) as (worker,):
         sender = Celery(broker=redis.url)
         sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
-        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle")
+        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle", task_id="p1")
         run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
         assert run.returncode == 0 and "1 done" in run.stdout
+        assert worker.alive()
     assert "untrusted content of type pickle" in worker.log_path.read_text()
-    assert "pickled" not in json.dumps([json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)])
-    assert redis_client(redis.url).llen("itsd.a") == 0  # refused, not left to be delivered again
+    (dead,) = [d for d in (json.loads(e) for e in client.lrange(Keys.dead, 0, -1)) if d["job"].get("task_id") == "p1"]
+    assert dead["error_type"] == "schema" and dead["job"]["content_type"] == "application/x-python-serialize"
+    assert "message refused: Refusing to deserialize untrusted content of type pickle" in dead["error_message"]
+    assert dead["job"]["task"] == TASK_NAME and dead["worker"].startswith("w0@")
+    assert client.llen("itsd.a") == 0  # refused, not left to be delivered again
 
 
 def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
@@ -422,6 +479,31 @@ def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis
     after = client.hgetall(Keys(bid).results)
     assert all(after[k] == v for k, v in before.items())  # nothing finished before the restart was lost
     assert len(list((tmp_path / "out").rglob("*.png"))) == 30
+
+
+@pytest.mark.slow
+def test_itsd_run_follows_the_symlink_rule_and_reads_a_file_uri_row_as_a_local_path(tiny_artifacts, tmp_path):
+    inputs, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    for folder in (inputs / "x", inputs / "y", inputs / ".store", elsewhere):
+        folder.mkdir(parents=True)
+    photo(64, 48, seed=0).save(inputs / "x" / "a.png")
+    photo(64, 48, seed=1).save(inputs / ".store" / "b.png")
+    photo(64, 48, seed=2).save(elsewhere / "c.png")
+    (inputs / "y" / "b.png").symlink_to(inputs / ".store" / "b.png")  # within the folder given: followed
+    (inputs / "y" / "out.png").symlink_to(elsewhere / "c.png")  # out of it: refused, as `itsd edit` refuses it
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"input": f"file://{elsewhere}/c.png"}) + "\n")  # no output column
+    out, model = tmp_path / "out", ["-m", str(tiny_artifacts)]
+    run = subprocess.run(
+        [*ITSD, "run", str(inputs), str(manifest), "-i", "Cartoonize", *model, "-o", str(out), *STEPS],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 1 and "3 done, 0 skipped (already there), 1 failed of 4" in run.stdout, run.stderr
+    assert (
+        f"outside_roots: {inputs / 'y' / 'out.png'}: a symlink to {elsewhere / 'c.png'}, outside {inputs}" in run.stderr
+    )
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == sorted(["x/a.png", "y/b.png", str(elsewhere / "c.png").lstrip("/")])
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from core.errors import (
 )
 from core.images import decode_image, encode_image
 from core.job import Job, Result
-from core.records import Keys, record_result
+from core.records import Keys, dead_letter, record_result
 from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
 from worker.batching import BatchedBackend, ThreadPool
@@ -175,7 +174,7 @@ class EditService:
         for stage, seconds in getattr(backend, "timings", {}).items():
             watch.timings[f"edit.{stage}"] = round(seconds - before.get(stage, 0.0), 6)
         name = job.relative or (job.output_uri or "output.png").rsplit("/", 1)[-1]
-        encoded = encode_image(edit.image, name, source=image)
+        encoded = encode_image(edit.image, name, source=image, keep=job.params.metadata)
         watch.lap("encode")
         if job.output_uri is None:
             self.client.hset(keys.outputs, job.job_id, base64.b64encode(encoded))
@@ -241,15 +240,7 @@ class EditService:
             self.metrics.attempt(model, outcome)
 
     def _dead_letter(self, payload: dict[str, Any], result: Result) -> None:
-        entry = {
-            "job": payload,
-            "error_type": result.error_type,
-            "error_message": result.error_message,
-            "attempts": result.attempts,
-            "worker": result.worker,
-            "at": time.time(),
-        }
-        self.client.lpush(Keys.dead, json.dumps(entry))
+        dead_letter(self.client, payload, result.error_type, result.error_message, result.attempts, result.worker)
 
     def _malformed(self, payload: dict[str, Any], exc: BaseException, worker: str) -> dict[str, Any]:
         job_id = str(payload.get("job_id", "?")) if isinstance(payload, dict) else "?"

@@ -4,9 +4,10 @@ registers them and runs the Celery worker on their queues. `itsd worker` (worker
 from __future__ import annotations
 
 import logging
-import socket
 from contextlib import ExitStack
 from pathlib import Path
+
+from celery.utils.nodenames import default_nodename, host_format
 
 from core.edit import Backend, Tiling
 from core.errors import InvalidParameters, WarmUpFailed
@@ -20,6 +21,7 @@ from worker.runtimes import check_choice
 from worker.warmup import probe
 
 log = logging.getLogger(__name__)
+DEFAULT_HOSTNAME = "itsd@%h"  # --hostname's default: itsd@ and this host's name
 
 
 def parse_device(device: str) -> tuple[tuple[str, ...] | None, int]:
@@ -65,7 +67,9 @@ def serve(
     from worker.app import make_app
 
     settings = settings or Settings.from_env()
-    hostname = hostname or f"itsd-{socket.gethostname()}"
+    # expanded as Celery expands -n (%h, %n, %d; a bare name gets `celery@`), so `itsd workers` and the results
+    # (`itsd status`) name a worker alike
+    hostname = host_format(default_nodename(hostname or DEFAULT_HOSTNAME))
     missing = [kind for kind in ("input", "output") if not getattr(settings.access, f"{kind}_roots")]
     if missing:
         log.warning(
