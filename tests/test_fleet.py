@@ -587,7 +587,8 @@ def test_itsd_run_names_a_worker_that_died_starts_another_and_finishes_the_batch
     while len(list(out.rglob("p*.png"))) < 2:  # both workers are busy by now
         assert time.monotonic() < deadline and run.poll() is None, run.stderr.read() if run.poll() else ""
         time.sleep(0.1)
-    (worker,) = [p for p, _ in descendants(run.pid) if b"local0@" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    children = [p for p, _ in descendants(run.pid) if _stat(str(p)) and _stat(str(p))[0] == run.pid]
+    (worker,) = [p for p in children if b"local0@" in Path(f"/proc/{p}/cmdline").read_bytes()]
     os.killpg(worker, signal.SIGKILL)  # the worker and its pool child, mid-job: the OOM killer's way
     _, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
