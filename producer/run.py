@@ -33,7 +33,7 @@ from core.redis_url import check_broker_url
 from core.settings import Settings
 from core.storage import locate
 from producer.batch import Broker, per_worker, results, submit_batch
-from producer.local import LocalWorker, RedisServer, wait_registered
+from producer.local import LocalWorker, RedisServer, Supervisor, wait_registered
 from producer.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
 from producer.sheet import write_contact_sheet
 from producer.sources import BatchInput, collect_sources
@@ -198,7 +198,7 @@ def run(
             wait_registered(connection.client, [name], local)
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
             say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
-            counts = wait_for(connection, submission.batch_id, quiet)
+            counts = wait_for(connection, submission.batch_id, quiet, supervise=Supervisor(local))
             seconds = time.perf_counter() - start
             info = {
                 "instruction": instruction or "(per manifest row)",
