@@ -31,6 +31,7 @@ class Keys:
         self.results = f"{self.batch}:results"  # hash: job id -> result JSON, once final
         self.outputs = f"{self.batch}:outputs"  # hash: job id -> base64 output, for inline jobs
         self.attempts = f"{self.batch}:attempts"  # hash: job id -> deliveries so far
+        self.queued = f"{self.batch}:queued"  # hash: job id -> when the producer last sent its message
         self.statuses = f"{self.batch}:statuses"  # hash: job id -> final status; the counts follow it
         self.by_worker = f"{self.batch}:workers"  # hash: worker -> jobs it recorded done (for live rates)
         self.failures = f"{self.batch}:failures"  # list: the latest failed results' JSON, newest first, capped
@@ -46,6 +47,7 @@ class Keys:
             self.results,
             self.outputs,
             self.attempts,
+            self.queued,
             self.statuses,
             self.by_worker,
             self.failures,

@@ -2,8 +2,8 @@
 and reading progress back. `itsd submit`, `status`, `collect`, `cancel` and `run` are thin over this.
 
 The batch id is a hash of its job ids and destination, so submitting the same work again finds the
-same batch: finished jobs are skipped, failed and cancelled ones are run again, the rest re-queued
-(a copy that is still queued is recognised by its worker and skipped).
+same batch: finished jobs are skipped, failed and cancelled ones are run again, those still queued or
+running are left alone, and the rest (whose message was lost) are queued again.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 
 from core.errors import InvalidParameters, ItsdError
+from core.holds import hand_back, in_flight
 from core.job import Job, Result, job_id_for
 from core.queue import TASK_NAME, celery_config, queue_for
 from core.records import Keys, forget_results, record_result, status_counts
@@ -64,6 +65,7 @@ class Submission:
     queued: int  # sent to workers now
     finished: int  # already done or skipped before this submit
     failed: int  # refused at submit (unreadable input, bad manifest row)
+    in_flight: int = 0  # queued or running since an earlier submit: not sent again
 
 
 def _failure_id(where: str) -> str:
@@ -112,13 +114,14 @@ def submit_batch(
     batch_id = hashlib.sha256(json.dumps([destination, model_id, ids]).encode()).hexdigest()[:16]
     keys = Keys(batch_id)
     jobs = [replace(job, batch_id=batch_id) for job in jobs]
-    pending = unfinished(broker.client, keys, jobs, refused, overwrite)
+    pending, moving = unfinished(broker, keys, jobs, refused, overwrite)
     if not overwrite and not inline:
         pending = skip_existing_outputs(broker, keys, pending)
     info = {"destination": destination, "model": model, "model_id": model_id, "inline": int(inline)}
     record_batch(broker, keys, jobs, refused, {**info, "total": len(ids)})
     enqueue(broker, pending, model)
-    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
+    finished = len(jobs) - len(pending) - moving
+    return Submission(batch_id, len(ids), len(pending), finished, len(refused), in_flight=moving)
 
 
 def read_jobs(
@@ -159,14 +162,28 @@ def refusals(rejected: list[Rejected]) -> list[Result]:
     return [Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=r.message) for r in rejected]
 
 
-def unfinished(client: Any, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool) -> list[Job]:
-    """The jobs a resubmission must run: all with `overwrite`, else those not done or skipped; the results of
-    those that run again (failed, cancelled) and of refused inputs are forgotten."""
+def unfinished(
+    broker: Broker, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool
+) -> tuple[list[Job], int]:
+    """The jobs a resubmission must send, and how many others are in flight. With `overwrite`: all of them.
+    Otherwise those not done or skipped, less those whose message is still somewhere (waiting in the queue,
+    held by a live worker, or sent a moment ago: core.holds), which would only be delivered twice; messages of
+    workers that died holding them are handed back to the queue first. The results of those that run again
+    (failed, cancelled) and of refused inputs are forgotten."""
+    client = broker.client
     known = {k.decode(): v.decode() for k, v in client.hgetall(keys.statuses).items()}
     finished = set() if overwrite else {i for i, status in known.items() if status in ("done", "skipped")}
     rerun = [j.job_id for j in jobs if j.job_id in known and j.job_id not in finished]
     forget_results(client, keys, rerun + [r.job_id for r in refused])
-    return [j for j in jobs if j.job_id not in finished]
+    pending = [j for j in jobs if j.job_id not in finished]
+    sent = {k.decode(): float(v) for k, v in client.hgetall(keys.queued).items()}
+    candidates = {j.job_id for j in pending if j.job_id in sent and j.job_id not in known}
+    if overwrite or not candidates:
+        return pending, 0
+    queue = queue_for(pending[0].model)
+    hand_back(client, [queue], broker.settings.claim_ttl)
+    moving = in_flight(client, queue, candidates, sent, broker.settings.claim_ttl)
+    return [j for j in pending if j.job_id not in moving], len(moving)
 
 
 def skip_existing_outputs(broker: Broker, keys: Keys, pending: list[Job]) -> list[Job]:
@@ -197,8 +214,17 @@ def record_batch(broker: Broker, keys: Keys, jobs: list[Job], refused: list[Resu
 
 
 def enqueue(broker: Broker, jobs: list[Job], model: str) -> None:
-    """Send each job to its model's queue, by task name (the task id is the job id)."""
-    queue = queue_for(model)
+    """Send each job to its model's queue, by task name (the task id is the job id), noting when in its batch's
+    `queued` hash first (a resubmission sends again only what is not in flight: `unfinished`)."""
+    queue, now = queue_for(model), time.time()
+    by_batch: dict[str, dict[str, float]] = defaultdict(dict)
+    for job in jobs:
+        by_batch[job.batch_id][job.job_id] = now
+    with broker.client.pipeline(transaction=False) as pipe:
+        for batch_id, sent in by_batch.items():
+            pipe.hset(Keys(batch_id).queued, mapping=sent)
+            pipe.expire(Keys(batch_id).queued, broker.settings.result_expires)
+        pipe.execute()
     with broker.app.producer_or_acquire() as producer:
         for job in jobs:
             message = replace(job, submitted_at=time.time()).to_dict()

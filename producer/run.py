@@ -30,7 +30,7 @@ from core.redis_url import check_broker_url
 from core.settings import Settings
 from core.storage import locate
 from producer.batch import Broker, refusals, results, submit_batch
-from producer.local import LocalWorker, RedisServer, wait_registered
+from producer.local import LocalWorker, RedisServer, Supervisor, wait_registered
 from producer.models import artifacts_for
 from producer.options import (
     edit_options,
@@ -154,7 +154,7 @@ def run(
             )
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
             say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
-            counts = wait_for(connection, submission.batch_id, quiet)
+            counts = wait_for(connection, submission.batch_id, quiet, supervise=Supervisor(local))
             info |= {"batch_id": submission.batch_id, "total": submission.total, "counts": counts}
             report_run(connection, sources, out, info, start)
     except KeyboardInterrupt:

@@ -96,11 +96,12 @@ def serve(
         register(url, models, hostname)
         served = {name: {"model_id": spec.model_id, "runtime": labels.get(name)} for name, spec in models.items()}
         slots = {"concurrency": concurrency, "batch_jobs": settings.batch_jobs, "metrics_port": metrics_port}
-        stack.callback(WorkerRecord(url, hostname, {"models": served, "device": device, **slots}).start().close)
+        queues = [queue_for(name) for name in models]
+        record = WorkerRecord(url, hostname, {"models": served, "device": device, **slots}, queues, settings.claim_ttl)
+        stack.callback(record.start().close)
         app = make_app(url, settings, models, soft_shutdown_timeout, metrics)
-        queues = ",".join(queue_for(name) for name in models)
-        log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
+        log.info("serving %s on %s from %s", ", ".join(models), ",".join(queues), redact(url))
         # --batch-jobs: that many jobs at once, as threads over one loaded model (the pool is worker_pool, set
         # by make_app: the -P option takes only Celery's own names), their UNet calls batched
         concurrency = settings.batch_jobs if settings.batch_jobs > 1 else concurrency
-        app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel])
+        app.worker_main(["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-n", hostname, "-l", loglevel])
