@@ -137,9 +137,7 @@ def read_jobs(
     jobs: list[Job] = []
     max_bytes = broker.settings.max_input_bytes
     with ThreadPoolExecutor(READERS) as pool:
-        futures = [
-            pool.submit(_job_for, s, destination, model, inline_limit, overwrite, max_bytes) for s in sources
-        ]
+        futures = [pool.submit(_job_for, s, destination, model, inline_limit, overwrite, max_bytes) for s in sources]
         for source, future in zip(sources, futures, strict=True):
             try:
                 jobs.append(future.result())

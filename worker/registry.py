@@ -1,6 +1,7 @@
 """What a worker tells Redis about itself: the identity of each model it serves (`itsd:models`, which
-producers read to refuse resubmitting a batch made with another model under the same name) and its own record (`itsd:workers`: models, what runs them, device,
-slots), renewed by a heartbeat while it runs and removed when it stops, for `itsd workers`."""
+producers read to refuse resubmitting a batch made with another model under the same name) and its own
+record (`itsd:workers`: models, what runs them, device, slots), renewed by a heartbeat while it runs and
+removed when it stops, for `itsd workers`."""
 
 from __future__ import annotations
 
