@@ -106,7 +106,7 @@ def forget_results(client: Any, keys: Keys, job_ids: list[str]) -> None:
 
 def pin_model(client: Any, keys: Keys, model_id: str) -> str:
     """The identity the batch is pinned to: `model_id` if the batch had none (`lua/pin.lua`), else the first's."""
-    pinned = client.eval(_PIN, 1, keys.batch, model_id)
+    pinned = client.eval(_PIN, 1, keys.batch, PIN, model_id)
     return pinned.decode() if isinstance(pinned, bytes) else pinned
 
 

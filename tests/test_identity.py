@@ -15,7 +15,6 @@ from core.errors import ModelMismatch
 from core.params import EditParams
 from core.queue import queue_for
 from core.records import PIN, Keys, pin_model, record_result
-from core.settings import Settings
 from producer.batch import Broker, submit_batch
 from producer.local import RedisServer
 from producer.sources import BatchInput
@@ -25,13 +24,6 @@ from producer.sources import BatchInput
 def redis():
     with RedisServer() as server:
         yield server
-
-
-@pytest.fixture
-def broker(redis):
-    broker = Broker(redis.url, Settings())
-    broker.client.flushdb()  # a broker no worker has ever used
-    return broker
 
 
 def inputs(tmp_path, count: int = 3) -> list[BatchInput]:

@@ -12,8 +12,7 @@ from conftest import photo
 from core.params import EditParams
 from core.queue import queue_for
 from core.records import Keys, status_counts
-from core.settings import Settings
-from producer.batch import Broker, submit_batch
+from producer.batch import submit_batch
 from producer.local import RedisServer
 from producer.recovery import UNACKED, lost_jobs, requeue_lost
 from producer.sources import BatchInput
@@ -25,13 +24,6 @@ QUEUE = queue_for("m")
 def redis():
     with RedisServer() as server:
         yield server
-
-
-@pytest.fixture
-def broker(redis):
-    broker = Broker(redis.url, Settings())
-    broker.client.flushdb()  # no worker has ever used it: a batch is queued all the same
-    return broker
 
 
 def batch(broker, tmp_path, count: int = 3, inline: bool = False) -> tuple[str, list[str]]:
