@@ -1,6 +1,6 @@
 """Where batch records live in Redis (`Keys`), and the scripts that change them atomically (`core/lua/`):
-recording a result with the batch's counts, forgetting results to run their jobs again. Celery keeps its
-messages under its own names; these are itsd's."""
+recording a result with the batch's counts, forgetting results to run their jobs again, pinning a batch to
+the model identity that runs it. Celery keeps its messages under its own names; these are itsd's."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from core.job import FINAL_STATUSES
 _LUA = Path(__file__).parent / "lua"
 _RECORD = (_LUA / "record.lua").read_text()
 _FORGET = (_LUA / "forget.lua").read_text()
+_PIN = (_LUA / "pin.lua").read_text()
+PIN = "model_id"  # the batch record's field: the identity of the model its jobs are made with, once pinned
 
 
 class Keys:
     """Redis keys of itsd's own records (Celery keeps its messages under its own names)."""
 
-    models = "itsd:models"  # hash: model name -> JSON {model_id, artifacts, worker}, written by workers
+    models = "itsd:models"  # hash: model name -> JSON {model_id, source, worker, at}, the last worker to start
     dead = "itsd:dead"  # list of JSON {job, error_type, error_message, attempts, worker, at}
     batches = "itsd:batches"  # sorted set: batch id by creation time
     workers = "itsd:workers"  # hash: worker name -> JSON {models, device, slots, host, pid, seen_at} (heartbeat)
@@ -102,6 +104,12 @@ def forget_results(client: Any, keys: Keys, job_ids: list[str]) -> None:
     for start in range(0, len(job_ids), 1000):
         chunk = job_ids[start : start + 1000]
         client.eval(_FORGET, 4, keys.batch, keys.results, keys.statuses, keys.outputs, *chunk)
+
+
+def pin_model(client: Any, keys: Keys, model_id: str) -> str:
+    """The identity the batch is pinned to: `model_id` if the batch had none (`lua/pin.lua`), else the first's."""
+    pinned = client.eval(_PIN, 1, keys.batch, PIN, model_id)
+    return pinned.decode() if isinstance(pinned, bytes) else pinned
 
 
 def status_counts(client: Any, keys: Keys) -> dict[str, int]:

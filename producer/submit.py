@@ -160,7 +160,9 @@ def report(broker: Broker, submission: Submission) -> None:
     help="Send images inside the jobs and keep outputs in Redis (for workers without shared storage); "
     "`itsd collect` writes them.",
 )
-@click.option("--overwrite", is_flag=True, help="Recompute jobs whose output exists.")
+@click.option(
+    "--overwrite", is_flag=True, help="Recompute jobs whose output exists; also a batch made by a replaced model."
+)
 @click.option("--wait", is_flag=True, help="Wait with a progress bar until the batch is finished.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @broker_option
@@ -177,9 +179,10 @@ def submit(
     broker: Broker,
 ) -> None:
     """Queue INPUTS... (files, folders, globs, URLs, or .csv/.jsonl manifests) as one batch and print
-    its id. Submitting the same batch again resumes it: finished jobs are not recomputed. Only URLs of the schemes
-    the workers allow (ITSD_URL_SCHEMES) are read here; a symlink must name a file under the folder it was found in
-    (a folder given, or a named file's own). Either fails alone otherwise."""
+    its id. No worker need be up: the jobs wait for one. Submitting the same batch again resumes it: finished
+    jobs are not recomputed. Only URLs of the schemes the workers allow (ITSD_URL_SCHEMES) are read here; a
+    symlink must name a file under the folder it was found in (a folder given, or a named file's own). Either
+    fails alone otherwise."""
     try:  # a destination the workers would refuse is not checked for outputs from here either
         local = broker.settings.access.check_scheme(out).path
     except ItsdError as exc:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny InstructPix2Pix checkpoint and its ONNX export, built once per session."""
+"""Shared fixtures: a tiny InstructPix2Pix checkpoint and its ONNX export, built once per session; a producer's
+broker on a module's redis-server."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("artifacts") / "tiny-onnx"
     export_checkpoint(str(tiny_checkpoint), out)
     return out
+
+
+@pytest.fixture
+def broker(redis):
+    """A producer's `Broker` on the module's own redis-server (its `redis` fixture), emptied first: a broker no
+    worker has ever used."""
+    from core.settings import Settings
+    from producer.batch import Broker
+
+    broker = Broker(redis.url, Settings())
+    broker.client.flushdb()
+    return broker
 
 
 def photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:

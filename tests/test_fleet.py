@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import photo
-from fleet import itsd, submit, workers
+from fleet import itsd, photo_folder, submit, workers
 from photos import check_collection, photo_collection
 from PIL import Image
 
@@ -200,13 +200,83 @@ def test_a_model_that_fails_its_warm_up_is_not_served_and_a_worker_left_with_non
         assert alone.start().process.wait(timeout=120) == 1
         run = submit(redis.url, str(photos(tmp_path / "in", 1)), str(tmp_path / "out"), "Derain", "--wait", *STEPS)
         assert run.returncode == 0, run.stderr
-        refused = submit(redis.url, str(tmp_path / "in"), str(tmp_path / "out2"), "Derain", model="broken")
+        waiting = submit(redis.url, str(tmp_path / "in"), str(tmp_path / "out2"), "Derain", model="broken")
     finally:
         both.stop()
     assert "model broken failed its warm-up, so this worker does not serve it: " in both.log_tail(20000)
     assert "no model passed its warm-up: broken: " in alone.log_tail()
-    assert refused.returncode != 0 and "no worker has registered model 'broken'" in refused.stderr
     assert not client.hexists(Keys.models, "broken")
+    assert waiting.returncode == 0 and "1 queued" in waiting.stdout  # it waits for a worker that can run it
+    assert client.llen("itsd.broken") == 1
+    client.delete("itsd.broken")
+
+
+@pytest.mark.slow
+def test_a_batch_submitted_before_any_worker_is_done_once_when_one_comes_and_a_resubmit_recomputes_nothing(
+    redis, tiny_artifacts, tmp_path
+):
+    from core.manifest import Manifest
+
+    inputs, out = photos(tmp_path / "in", 4), tmp_path / "out"
+    client = redis_client(redis.url)
+    first = submit(redis.url, str(inputs), str(out), "Cartoonize it", *STEPS, model="late")  # no worker, ever
+    assert first.returncode == 0 and "4 queued" in first.stdout, first.stderr
+    bid = batch_id(first.stdout)
+    assert client.llen("itsd.late") == 4 and "not pinned yet" in itsd(redis.url, "status", bid).stdout
+    with workers(redis, tmp_path, {"late": str(tiny_artifacts)}):
+        assert wait_done(client, bid, total=4)["done"] == 4
+        again = submit(redis.url, str(inputs), str(out), "Cartoonize it", "--wait", *STEPS, model="late")
+    assert again.returncode == 0 and "0 queued, 4 already done" in again.stdout and batch_id(again.stdout) == bid
+    model_id = Manifest.read(tiny_artifacts).model_id
+    summary = json.loads(itsd(redis.url, "status", bid, "--json").stdout)
+    assert summary["batch"]["model_id"] == model_id and summary["counts"]["done"] == 4
+    results = [json.loads(r) for r in client.hvals(Keys(bid).results)]
+    assert len(results) == 4 and {(r["status"], r["model_id"], r["attempts"]) for r in results} == {
+        ("done", model_id, 1)  # each job run once, by the model the batch is pinned to
+    }
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 4
+
+
+@pytest.mark.slow
+def test_a_model_replaced_under_its_name_never_mixes_with_the_batch_the_old_one_made(
+    redis, tiny_artifacts, second_artifacts, tmp_path
+):
+    from core.manifest import Manifest
+
+    old, new = (Manifest.read(a).model_id for a in (tiny_artifacts, second_artifacts))
+    inputs, out, client = (
+        photo_folder(tmp_path / "in", 2, (64, 48), broken=True),
+        tmp_path / "out",
+        redis_client(redis.url),
+    )
+
+    def run(*options: str) -> subprocess.CompletedProcess:
+        return submit(redis.url, str(inputs), str(out), "Cartoonize it", *options, *STEPS, model="swap")
+
+    with workers(redis, tmp_path, {"swap": str(tiny_artifacts)}):
+        made = run("--wait")  # broken.png fails; the batch is pinned to the old model
+    assert made.returncode == 1 and "2 done" in made.stdout
+    bid, before = batch_id(made.stdout), (out / "p0.png").read_bytes()
+    waiting = run()  # while no worker runs, the registry still names the old model: the failed job is queued
+    assert waiting.returncode == 0 and "1 queued, 2 already done" in waiting.stdout
+    with workers(redis, tmp_path, {"swap": str(second_artifacts)}):  # the new model, under the same name
+        wait_done(client, bid, total=3)
+        failures = [r for r in map(json.loads, client.hvals(Keys(bid).results)) if r["status"] == "failed"]
+        assert [f["error_type"] for f in failures] == ["model_mismatch"]
+        assert f"batch pinned to model swap {old}; this worker serves {new}" in failures[0]["error_message"]
+        refused = run()
+        assert refused.returncode == 1 and f"was made with model swap {old}, and its workers now serve {new}" in (
+            refused.stderr
+        )
+        redone = run("--overwrite", "--wait")
+    assert redone.returncode == 1 and "2 done" in redone.stdout and "invalid_image" in redone.stderr
+    done = [r for r in map(json.loads, client.hvals(Keys(bid).results)) if r["status"] == "done"]
+    assert (
+        len(done) == 2
+        and {r["model_id"] for r in done} == {new}
+        and client.hget(Keys(bid).batch, "model_id") == (new.encode())
+    )
+    assert (out / "p0.png").read_bytes() != before  # recomputed by the new model
 
 
 @pytest.mark.slow
@@ -250,9 +320,10 @@ def start_slow_job(redis, inputs: Path, out: Path, steps: int) -> tuple[str, str
     return bid, job_id, int(owner.decode().split(":")[-2])
 
 
-def wait_done(client, bid: str, timeout: float = 180) -> dict[str, int]:
+def wait_done(client, bid: str, timeout: float = 180, total: int = 0) -> dict[str, int]:
+    """The batch's counts once a job is done, or with `total`, once that many jobs are final."""
     deadline = time.monotonic() + timeout
-    while (counts := status_counts(client, Keys(bid)))["done"] < 1:
+    while (counts := status_counts(client, Keys(bid)))["done"] < 1 or sum(counts.values()) < total:
         assert time.monotonic() < deadline, counts
         time.sleep(0.5)
     return counts
@@ -398,9 +469,7 @@ def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 5)
-    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        pass  # the model is registered; no worker runs while the batch is queued and cancelled
-    run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", *STEPS)
+    run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", *STEPS)  # and no worker runs yet
     bid = batch_id(run.stdout)
     cancelled = itsd(redis.url, "cancel", bid)
     assert cancelled.returncode == 0 and "5 unfinished" in cancelled.stdout

@@ -17,8 +17,7 @@ from core.holds import HOST, UNACKED, UNACKED_INDEX, hand_back, holds
 from core.params import EditParams
 from core.queue import queue_for
 from core.records import Keys, status_counts
-from core.settings import Settings
-from producer.batch import Broker, submit_batch
+from producer.batch import submit_batch
 from producer.local import RedisServer
 from producer.recovery import lost_jobs, requeue_lost
 from producer.sources import BatchInput
@@ -30,14 +29,6 @@ QUEUE = queue_for("m")
 def redis():
     with RedisServer() as server:
         yield server
-
-
-@pytest.fixture
-def broker(redis):
-    broker = Broker(redis.url, Settings())
-    broker.client.flushdb()
-    broker.client.hset(Keys.models, "m", json.dumps({"model_id": "model-1"}))
-    return broker
 
 
 def sources(tmp_path, count: int) -> list[BatchInput]:

@@ -2,7 +2,8 @@
 bottom and tests can call it directly.
 
 For each delivery: count the attempt; a cancelled batch ends the job at once; otherwise take the job's
-claim (waiting while a live worker holds it), skip it if its output exists by then, read the input, edit,
+claim (waiting while a live worker holds it), skip it if its output exists by then, pin the batch to the
+model this worker serves (or refuse the job if the batch is pinned to another), read the input, edit,
 write the output atomically, and record a small JSON result in the batch. Permanent errors are
 recorded as failures; transient ones propagate for the task to retry, until the last attempt, which
 goes to the dead-letter list with its payload.
@@ -24,6 +25,7 @@ from core.errors import (
     InvalidImage,
     InvalidModel,
     ItsdError,
+    ModelMismatch,
     ModelUnavailable,
     OutOfMemory,
     OutsideRoots,
@@ -33,7 +35,7 @@ from core.errors import (
 )
 from core.images import decode_image, encode_image
 from core.job import Job, Result
-from core.records import Keys, dead_letter, record_result
+from core.records import Keys, dead_letter, pin_model, record_result
 from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
 from worker.batching import BatchedBackend, ThreadPool
@@ -159,8 +161,12 @@ class EditService:
             reason = self.unavailable[job.model]
             raise ModelUnavailable(f"model {job.model} failed its warm-up on this worker: {reason}")
         spec = self.models[job.model]
-        if job.model_id and job.model_id != spec.model_id:
-            raise InvalidModel(f"job was submitted for model {job.model_id}; this worker serves {spec.model_id}")
+        pinned = pin_model(self.client, keys, spec.model_id)
+        if pinned != spec.model_id:
+            raise ModelMismatch(
+                f"batch pinned to model {job.model} {pinned}; this worker serves {spec.model_id} under that name"
+                " (resubmit with --overwrite to recompute the batch with it)"
+            )
         watch = Stopwatch()
         data = self._read_input(job)
         watch.lap("read")
@@ -194,6 +200,7 @@ class EditService:
             working_height=edit.working_size[1],
             tiles=edit.tiles,
             runtime=getattr(backend, "label", None),
+            model_id=spec.model_id,
             batched_jobs=backend.shared if isinstance(backend, BatchedBackend) else None,
             timings=watch.timings,
             finished_at=time.time(),

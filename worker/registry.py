@@ -1,6 +1,7 @@
 """What a worker tells Redis about itself: the identity of each model it serves (`itsd:models`, which
-producers read to compute job ids) and its own record (`itsd:workers`: models, what runs them, device,
-slots), renewed by a heartbeat while it runs and removed when it stops, for `itsd workers`."""
+producers read to refuse resubmitting a batch made with another model under the same name) and its own
+record (`itsd:workers`: models, what runs them, device, slots), renewed by a heartbeat while it runs and
+removed when it stops, for `itsd workers`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def register(url: str, models: dict[str, ModelSpec], hostname: str) -> None:
-    """Announce what this worker serves, so producers can compute job ids without the artifacts."""
+    """Announce the identity of each model this worker serves, so producers can tell when a model was replaced
+    under its name without reading the artifacts."""
     client = redis_client(url)
     for spec in models.values():
         entry = {"model_id": spec.model_id, "source": spec.source, "worker": hostname, "at": time.time()}
