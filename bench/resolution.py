@@ -338,7 +338,7 @@ def main() -> None:
         return
 
     from core.settings import Settings
-    from producer.run import BUNDLED_MODEL, artifacts_for
+    from producer.models import BUNDLED_MODEL, artifacts_for
     from training.recipes.itsd_tiny import HELD_OUT
     from worker.pipeline import OnnxEditPipeline
 

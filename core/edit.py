@@ -56,6 +56,7 @@ class ModelFacts:
 class Backend(Protocol):
     edit_defaults: Mapping[str, Any]  # the model's own settings (`core.params`), may be empty
     facts: ModelFacts
+    label: str  # what runs it, for results and reports: "onnxruntime CPUExecutionProvider", "openvino bf16"
 
     def encode_text(self, text: str) -> np.ndarray:
         """Token states float32 [1, sequence, hidden]."""

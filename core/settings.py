@@ -50,6 +50,7 @@ class Settings:
     broker_url: str | None = None  # ITSD_BROKER_URL: redis://, rediss://, with password if any
     max_pixels: int = DEFAULT_MAX_PIXELS  # ITSD_MAX_PIXELS: refuse larger images before decoding
     providers: tuple[str, ...] = DEFAULT_PROVIDERS  # ITSD_PROVIDERS: comma-separated, in preference order
+    providers_asked: bool = False  # ITSD_PROVIDERS was set: a provider it names and this build lacks is a warning
     cache_dir: Path = Path()  # ITSD_CACHE_DIR: exported artifacts cached by checkpoint hash
     # The queue. A message not acknowledged within the visibility timeout is delivered again, so it must
     # exceed the longest job (a 4096-px edit on a slow CPU is minutes; an hour leaves room).
@@ -82,6 +83,7 @@ class Settings:
             broker_url=env.get("ITSD_BROKER_URL") or None,
             max_pixels=_positive_int(env, "ITSD_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else DEFAULT_PROVIDERS,
+            providers_asked=bool(providers),
             cache_dir=Path(env["ITSD_CACHE_DIR"]) if env.get("ITSD_CACHE_DIR") else _cache_home(),
             visibility_timeout=_positive_int(env, "ITSD_VISIBILITY_TIMEOUT", cls.visibility_timeout),
             claim_ttl=_positive_int(env, "ITSD_CLAIM_TTL", cls.claim_ttl),

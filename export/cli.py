@@ -37,7 +37,7 @@ def parse_loras(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     type=click.Choice(["fp32", "fp16"]),
     default="fp32",
     show_default=True,
-    help="Weights of the UNet and text encoder; fp16 is for GPUs (the VAE stays fp32).",
+    help="Weights of the UNet; fp16 is for GPUs (the text encoder and VAE stay fp32).",
 )
 @click.option(
     "--verify/--no-verify",

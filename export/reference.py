@@ -67,6 +67,11 @@ class TorchEditPipeline:
             scheduler_config=dict(pipe.scheduler.config),
         )
 
+    @property
+    def label(self) -> str:
+        """What runs the modules, as the artifact pipelines' labels say it: "torch cpu float32"."""
+        return f"torch {self.pipe.device.type} {str(self.pipe.unet.dtype).removeprefix('torch.')}"
+
     @classmethod
     def load(cls, source: str | Path) -> TorchEditPipeline:
         folder = resolve(str(source))

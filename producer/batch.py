@@ -134,9 +134,7 @@ def read_jobs(
 ) -> tuple[list[Job], list[Result]]:
     """Each source's job (its input read, in parallel, for the job id), and a failed result for each input that
     could not be read or was rejected before."""
-    refused = [
-        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=r.message) for r in rejected
-    ]
+    refused = refusals(rejected)
     jobs: list[Job] = []
     max_bytes = broker.settings.max_input_bytes
     with ThreadPoolExecutor(READERS) as pool:
@@ -152,6 +150,11 @@ def read_jobs(
             if on_progress:
                 on_progress(1)
     return jobs, refused
+
+
+def refusals(rejected: list[Rejected]) -> list[Result]:
+    """A failed result for each input rejected before it was read (a bad manifest row, a missing file)."""
+    return [Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=r.message) for r in rejected]
 
 
 def check_pin(client: Any, keys: Keys, model: str, registered: str | None, overwrite: bool) -> None:

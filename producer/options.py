@@ -14,6 +14,7 @@ import click
 from core.errors import InvalidParameters
 from core.params import LIMITS, PROJECT_DEFAULTS, SCHEDULERS, EditParams
 from core.settings import PRECISIONS, RUNTIMES
+from producer.models import BUNDLED_MODEL
 
 
 def _model_default(name: str) -> str:
@@ -26,8 +27,17 @@ def _ranged(name: str) -> click.ParamType:
     return (click.IntRange if limit.whole else click.FloatRange)(limit.low, limit.high)
 
 
+def edit_options_seeded(seed_default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`edit_options` for a command whose --seed, when not given, is SEED_DEFAULT (said so in its help)."""
+    return functools.partial(_add_edit_options, seed_default=seed_default)
+
+
 def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add --steps ... --strip-metadata to a command; it receives them as one `params: EditParams`."""
+    return _add_edit_options(command, "random")
+
+
+def _add_edit_options(command: Callable[..., Any], seed_default: str) -> Callable[..., Any]:
     options = [
         click.option(
             "--steps",
@@ -51,7 +61,7 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--seed",
             type=_ranged("seed"),
             default=None,
-            help="Seed for the initial noise; the same seed gives the same image. [default: random]",
+            help=f"Seed for the initial noise; the same seed gives the same image. [default: {seed_default}]",
         ),
         click.option(
             "--scheduler", type=click.Choice(list(SCHEDULERS)), default=None, help="Sampler. [default: the model's own]"
@@ -153,6 +163,35 @@ def runtime_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "faster than fp32; else fp32.",
     )
     return runtime(precision(command))
+
+
+instruction_option = click.option(
+    "--instruction",
+    "-i",
+    default=None,
+    help='What to do, e.g. "Cartoonize the image"; a manifest row may give its own.',
+)
+
+
+def missing_instruction(given: str | None) -> click.UsageError:
+    """The error for inputs left without an instruction: none given (say how to give one), or a blank one."""
+    if given is None:
+        return click.UsageError(
+            'no instruction: give one with --instruction "TEXT" (-i), or one per image in the instruction column '
+            "of a .csv/.jsonl manifest"
+        )
+    return click.BadParameter("the instruction is empty", param_hint="--instruction")
+
+
+model_option = click.option(
+    "--model",
+    "-m",
+    default=str(BUNDLED_MODEL),
+    show_default="itsd-tiny, bundled",
+    metavar="PATH",
+    help="Artifact folder from `itsd export`, or a diffusers checkpoint (folder, or Hub id when online), exported "
+    "on first use and cached under ITSD_CACHE_DIR/exports.",
+)
 
 
 def broker_url_option(command: Callable[..., Any]) -> Callable[..., Any]:

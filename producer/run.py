@@ -1,14 +1,14 @@
 """`itsd run`: the whole system on one machine. A private, password-protected Redis (unless --broker),
 N local workers, one batch with a progress bar, then a clean shutdown (Ctrl-C and SIGTERM included),
-a summary JSON and a before/after contact sheet.
+a summary JSON and a before/after contact sheet (producer.record). When every output is there already, it
+starts nothing and only brings the record up to date.
 
 `--model` takes an artifact folder, or a diffusers checkpoint (a folder, or a Hub id when online) that
-is exported on first use and cached by its content hash under ITSD_CACHE_DIR.
+is exported on first use and cached by its content hash under ITSD_CACHE_DIR (producer.models).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,48 +22,30 @@ from typing import Any
 
 import click
 
-from core.backends import detect
-from core.errors import InvalidModel
 from core.inputs import InputFile, check_destination
-from core.job import Job, Result
-from core.manifest import Manifest, checkpoint_hash
+from core.job import Result
+from core.manifest import Manifest
 from core.params import EditParams
-from core.records import Keys
 from core.redis_url import check_broker_url
 from core.settings import Settings
 from core.storage import locate
-from producer.batch import Broker, per_worker, results, submit_batch
+from producer.batch import Broker, refusals, results, submit_batch
 from producer.local import LocalWorker, RedisServer, Supervisor, wait_registered
-from producer.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
-from producer.sheet import write_contact_sheet
-from producer.sources import BatchInput, collect_sources
+from producer.models import artifacts_for
+from producer.options import (
+    edit_options,
+    instruction_option,
+    missing_instruction,
+    model_option,
+    no_password_on_argv,
+    runtime_options,
+    tile_batch_option,
+)
+from producer.record import output_of, write_record
+from producer.sources import BatchInput, Rejected, collect_sources
 from producer.submit import describe, echo_failures, wait_for
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "itsd-tiny"
-SUMMARY_NAME = "itsd-run.json"
-SHEET_NAME = "itsd-contact-sheet.jpg"
-SHEET_ROWS = 12
-
-
-def artifacts_for(model: str, settings: Settings, report: Callable[[str], None]) -> Path:
-    """An artifact folder for MODEL: itself, or its cached export (made now if missing)."""
-    if detect(model) == "onnx":
-        return Path(model)
-    try:
-        from export.checkpoint import resolve
-        from export.exporter import export_checkpoint
-    except ImportError as exc:
-        raise InvalidModel(
-            f"{model} is a checkpoint; exporting it needs {exc.name}: pip install 'itsd[export]'"
-        ) from None
-    folder = resolve(model)
-    cached = settings.cache_dir / "exports" / f"{checkpoint_hash(folder)[:16]}-fp32"
-    if (cached / "manifest.json").is_file():
-        report(f"using the cached export of {model}: {cached}")
-        return cached
-    report(f"exporting {model} to {cached} (once; later runs reuse it)")
-    export_checkpoint(model, cached, report=report)
-    return cached
+Say = Callable[[str], None]  # a status line on stderr (nothing under --quiet)
 
 
 def local_roots(sources: list[BatchInput], out: Path) -> dict[str, str]:
@@ -88,63 +70,13 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _sheet_rows(client: Any, batch_id: str, found: list[Result]) -> list[tuple[Path, Path, str]]:
-    done = sorted((r for r in found if r.status == "done"), key=lambda r: r.output_uri or "")
-    rows = []
-    for result in done[:SHEET_ROWS]:
-        job = Job.from_dict(json.loads(client.hget(Keys(batch_id).jobs, result.job_id)))
-        if job.input_uri and job.output_uri and locate(job.input_uri).path and locate(job.output_uri).path:
-            rows.append((Path(job.input_uri), Path(job.output_uri), f"{job.relative}: {job.instruction}"))
-    return rows
-
-
-def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) -> dict[str, Any]:
-    found = list(results(broker.client, batch_id))
-    rows = _sheet_rows(broker.client, batch_id, found)
-    if rows:
-        write_contact_sheet(rows, out / SHEET_NAME)
-    summary = {
-        **info,
-        "batch_id": batch_id,
-        "per_worker": per_worker(found),
-        "runtimes": sorted({r.runtime for r in found if r.runtime}),  # what the workers chose
-        "images": [
-            {
-                "output": r.output_uri,
-                "size": [r.width, r.height],
-                "working_size": [r.working_width, r.working_height],
-                "tiles": r.tiles,
-            }
-            for r in sorted(found, key=lambda r: r.output_uri or "")
-            if r.status == "done"
-        ],
-        "failures": [
-            {"job_id": r.job_id, "error_type": r.error_type, "error": r.error_message}
-            for r in found
-            if r.status == "failed"
-        ],
-        "contact_sheet": str(out / SHEET_NAME) if rows else None,
-    }
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
 @click.command()
 @click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
-@click.option(
-    "--instruction", "-i", default="", help='What to do, e.g. "Cartoonize the image"; a manifest row may give its own.'
-)
+@instruction_option
 @click.option(
     "--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for outputs."
 )
-@click.option(
-    "--model",
-    "-m",
-    default=str(BUNDLED_MODEL),
-    show_default="itsd-tiny, bundled",
-    metavar="PATH",
-    help="Artifact folder, or a diffusers checkpoint (folder or Hub id) exported on first use and cached.",
-)
+@model_option
 @click.option("--workers", "-w", type=click.IntRange(1, 64), default=1, show_default=True, help="Local workers.")
 @click.option(
     "--broker",
@@ -161,7 +93,7 @@ def summarise(broker: Broker, batch_id: str, out: Path, info: dict[str, Any]) ->
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def run(
     inputs: tuple[str, ...],
-    instruction: str,
+    instruction: str | None,
     out: Path,
     model: str,
     workers: int,
@@ -181,40 +113,50 @@ def run(
     settings = Settings.from_env()
     start = time.perf_counter()
     try:
-        sources, rejected = collect_sources(list(inputs), instruction.strip(), params, settings.access)
+        sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params, settings.access)
         if any(not s.instruction for s in sources):
-            raise click.BadParameter("the instruction is empty", param_hint="--instruction")
+            raise missing_instruction(instruction)
+        if not sources and not rejected:
+            raise click.ClickException(f"no images found in {' '.join(inputs)}")
         check_destination([InputFile(Path(s.uri), s.relative) for s in sources if locate(s.uri).path], out)
         artifacts = artifacts_for(model, settings, say)
         manifest = Manifest.read(artifacts)
+        info = {
+            "instruction": instruction or "(per manifest row)",
+            "model": model,
+            "model_id": manifest.model_id,
+            "loras": [asdict(lora) for lora in manifest.loras],
+            "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
+            "workers": workers,
+            "tile_batch": tile_batch,
+            "runtime_asked": f"{runtime} {precision}",
+        }
+        if not overwrite and all(Path(output_of(s, out)).exists() for s in sources):
+            sys.exit(nothing_to_do(sources, rejected, out, info, start, say))
         name = f"run-{manifest.model_id}"
         with ExitStack() as stack, stop_on_sigterm():
+            if not broker:
+                say("starting a private Redis")
             url = check_broker_url(broker) if broker else stack.enter_context(RedisServer()).url
             connection = Broker(url, settings)
             env = {"ITSD_TILE_BATCH": str(tile_batch), "ITSD_RUNTIME": runtime, "ITSD_PRECISION": precision}
+            started = time.perf_counter()
             local = start_workers(stack, url, {name: str(artifacts)}, workers, {**env, **local_roots(sources, out)})
             identity = ", ".join(filter(None, (manifest.model_id, manifest.lora_summary)))
-            say(f"started {workers} worker(s) for {model} ({identity}); waiting for them to register it")
+            say(
+                f"started {workers} worker(s) for {model} ({identity}); each loads the model and runs a warm-up "
+                "edit before it takes a job (OpenVINO compiles each graph on first use, then caches it)"
+            )
             wait_registered(connection.client, [name], local)
+            say(
+                f"the model passed its warm-up in {time.perf_counter() - started:.1f} s; the workers' pool "
+                "processes load it once more, then the first images start"
+            )
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
             say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
             counts = wait_for(connection, submission.batch_id, quiet, supervise=Supervisor(local))
-            seconds = time.perf_counter() - start
-            info = {
-                "instruction": instruction or "(per manifest row)",
-                "model": model,
-                "model_id": manifest.model_id,
-                "loras": [asdict(lora) for lora in manifest.loras],
-                "params": params.resolve(manifest.edit_defaults).to_dict(),  # manifest rows may override
-                "workers": workers,
-                "tile_batch": tile_batch,
-                "runtime_asked": f"{runtime} {precision}",
-                "total": submission.total,
-                "seconds": round(seconds, 2),
-                "images_per_s": round(counts["done"] / seconds, 3),
-                "counts": counts,
-            }
-            report_run(connection, submission.batch_id, out, info)
+            info |= {"batch_id": submission.batch_id, "total": submission.total, "counts": counts}
+            report_run(connection, sources, out, info, start)
     except KeyboardInterrupt:
         click.echo("interrupted: workers and Redis stopped; run the same command again to resume", err=True)
         sys.exit(130)
@@ -234,12 +176,37 @@ def start_workers(
     return local
 
 
-def report_run(connection: Broker, batch_id: str, out: Path, info: dict[str, Any]) -> None:
-    """Write the run's summary and contact sheet into OUT; say where, and name the failures."""
-    summary = summarise(connection, batch_id, out, info)
-    counts = info["counts"]
-    click.echo(f"{describe(counts, info['total'])} in {info['seconds']:.1f} s; outputs in {out}")
+def report_run(connection: Broker, sources: list[BatchInput], out: Path, info: dict[str, Any], start: float) -> None:
+    """Write the run's record and contact sheet into OUT (every image of the batch, made now or before); say
+    where, and name the failures."""
+    record_and_say(sources, list(results(connection.client, info["batch_id"])), out, info, start)
+    if info["counts"]["failed"]:
+        echo_failures(connection, info["batch_id"])
+
+
+def nothing_to_do(
+    sources: list[BatchInput], rejected: list[Rejected], out: Path, info: dict[str, Any], start: float, say: Say
+) -> int:
+    """Every output is there already: start no Redis and no workers, bring the record and sheet up to date, name
+    the inputs refused. Returns the exit status."""
+    say(f"nothing to do: every output is in {out} already (--overwrite computes them again); no Redis or workers")
+    refused = refusals(rejected)
+    counts = {"done": 0, "skipped": len(sources), "failed": len(refused), "cancelled": 0}
+    record_and_say(
+        sources, refused, out, info | {"batch_id": None, "total": len(sources) + len(refused), "counts": counts}, start
+    )
+    for failure in refused:
+        click.echo(f"  failed {failure.error_type}: {failure.error_message}", err=True)
+    return 1 if refused else 0
+
+
+def record_and_say(
+    sources: list[BatchInput], found: list[Result], out: Path, info: dict[str, Any], start: float
+) -> None:
+    """Write the record (producer.record) with this run's results and time, and say how it went and where."""
+    seconds = time.perf_counter() - start
+    timed = info | {"seconds": round(seconds, 2), "images_per_s": round(info["counts"]["done"] / seconds, 3)}
+    summary = write_record(sources, found, out, timed)
+    click.echo(f"{describe(info['counts'], info['total'])} in {seconds:.1f} s; outputs in {out}")
     if summary["contact_sheet"]:
         click.echo(f"contact sheet: {summary['contact_sheet']}")
-    if counts["failed"]:
-        echo_failures(connection, batch_id)

@@ -23,7 +23,7 @@ from core.redis_url import check_broker_url, redact, redis_client
 from core.settings import Settings
 from core.storage import write_atomic
 from producer.batch import Broker, Submission, batch_record, cancel_batch, progress, results, submit_batch
-from producer.options import broker_url_option, edit_options
+from producer.options import broker_url_option, edit_options, instruction_option, missing_instruction
 from producer.recovery import requeue_lost
 from producer.sources import collect_sources
 
@@ -150,7 +150,7 @@ def report(broker: Broker, submission: Submission) -> None:
 
 @click.command()
 @click.argument("inputs", metavar="INPUTS...", nargs=-1, required=True)
-@click.option("--instruction", "-i", default="", help="What to do; a manifest row may give its own.")
+@instruction_option
 @click.option("--model", "-m", required=True, metavar="NAME", help="Model to use: its workers consume itsd.NAME.")
 @click.option("--out", "-o", "out", required=True, metavar="DEST", help="Destination folder or URL for outputs.")
 @edit_options
@@ -168,7 +168,7 @@ def report(broker: Broker, submission: Submission) -> None:
 @broker_option
 def submit(
     inputs: tuple[str, ...],
-    instruction: str,
+    instruction: str | None,
     model: str,
     out: str,
     params: EditParams,
@@ -188,9 +188,9 @@ def submit(
     except ItsdError as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None
     destination = out if local is None else str(local.resolve())
-    sources, rejected = collect_sources(list(inputs), instruction.strip(), params, broker.settings.access)
+    sources, rejected = collect_sources(list(inputs), (instruction or "").strip(), params, broker.settings.access)
     if any(not s.instruction for s in sources):
-        raise click.BadParameter("the instruction is empty", param_hint="--instruction")
+        raise missing_instruction(instruction)
     if not sources and not rejected:
         raise click.ClickException(f"no images found in {' '.join(inputs)}")
     with tqdm(total=len(sources), unit="img", desc="reading", disable=quiet, file=sys.stderr, leave=False) as bar:

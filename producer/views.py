@@ -105,7 +105,7 @@ def follow(broker: Broker, batch_id: str, interval: float) -> None:
 @click.command()
 @click.argument("batch_id", metavar="BATCH")
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object, failures included.")
-@click.option("--watch", "-w", is_flag=True, help="A live view until the batch is finished: counts, img/s, ETA.")
+@click.option("--watch", is_flag=True, help="A live view until the batch is finished: counts, img/s, ETA.")
 @click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between frames.")
 @broker_option
 def status(batch_id: str, as_json: bool, watch: bool, interval: float, broker: Broker) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,9 +123,22 @@ def test_an_empty_instruction_is_refused(tiny_artifacts, photos, tmp_path):
     assert result.exit_code == 2 and "instruction is empty" in result.output
 
 
-def test_a_checkpoint_given_to_the_onnx_backend_says_how_to_export_it(tiny_checkpoint, photos, tmp_path):
-    result = run_edit(photos, "--model", tiny_checkpoint, "--out", tmp_path, "-i", "x")
-    assert result.exit_code == 1 and "itsd export" in result.output
+def test_a_checkpoint_is_exported_on_first_use_and_its_cached_export_reused_as_itsd_run_does(
+    tiny_checkpoint, photos, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ITSD_CACHE_DIR", str(tmp_path / "cache"))
+    options = ("--model", tiny_checkpoint, "-i", "x", "--steps", "1", "--max-side", "64")
+    first, second = (run_edit(photos, "--out", tmp_path / name, *options) for name in ("first", "second"))
+    assert first.exit_code == 0 and "exporting" in first.output, first.output
+    assert second.exit_code == 0 and "using the cached export" in second.output and "exporting" not in second.output
+    (export,) = (tmp_path / "cache" / "exports").iterdir()  # where `itsd run` keeps it: the same code decides
+    assert (export / MANIFEST_NAME).is_file()
+    code = (
+        "import sys; from core.settings import Settings; from producer.models import artifacts_for; "
+        f"artifacts_for({str(tiny_checkpoint)!r}, Settings.from_env(), print); print('torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert found.stdout.splitlines()[-1] == "False"  # a cached export is found without importing torch (~20 s)
 
 
 def test_the_same_seed_gives_the_same_image_and_another_seed_does_not(tiny_artifacts):

@@ -127,6 +127,8 @@ def test_evaluate_reports_both_models_and_the_identity_baseline_per_task(report:
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["models"]) == {"onnx", "torch"}
     assert metrics["models"]["onnx"]["backend"] == "onnx" and metrics["models"]["torch"]["backend"] == "torch"
+    assert metrics["models"]["onnx"]["runtime"] == "onnxruntime CPUExecutionProvider"  # conftest's ITSD_RUNTIME
+    assert metrics["models"]["torch"]["runtime"] == "torch cpu float32"
     assert metrics["params"]["seed"] == 3 and metrics["params"]["scheduler"] == "euler"
     ran = {"steps": 2, "guidance_scale": 7.0, "image_guidance_scale": 1.5}  # unset scales: the project's defaults
     assert all(params.items() >= ran.items() for params in metrics["params_by_model"].values())
@@ -245,9 +247,16 @@ def test_evaluate_models_is_the_library_behind_the_command(dataset: Path, tiny_a
 
     text = "please remove the rain streaks from this picture"
     args = ["--task", "derain", "--instruction", text, "--steps", 1, "--seed", 5, "--quiet"]
+    args += ["--runtime", "openvino", "--precision", "fp32"]
     assert run(dataset, "--model", f"onnx={tiny_artifacts}", *args, "--out", tmp_path / "command").exit_code == 0
     spec = EvaluationSpec(
-        dataset, {"onnx": str(tiny_artifacts)}, EditParams(steps=1, seed=5), tasks=("derain",), instruction=text
+        dataset,
+        {"onnx": str(tiny_artifacts)},
+        EditParams(steps=1, seed=5),
+        tasks=("derain",),
+        instruction=text,
+        runtime="openvino",  # the command's --runtime; its default reads ITSD_RUNTIME, which conftest sets
+        precision="fp32",
     )
     notes: list[str] = []
     report = evaluate_models(spec, tmp_path / "library", progress=False, report=notes.append)
@@ -257,3 +266,13 @@ def test_evaluate_models_is_the_library_behind_the_command(dataset: Path, tiny_a
         evaluate_models(replace(spec, tasks=("sharpen",)), tmp_path / "bad", progress=False)
     with pytest.raises(EvaluationError, match="--model broken="):
         evaluate_models(replace(spec, models={"broken": str(tmp_path)}), tmp_path / "bad", progress=False)
+
+
+def test_an_artifact_folder_runs_on_the_runtime_asked_as_a_worker_would_and_the_report_says_which(
+    dataset: Path, tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    options = ("--steps", 1, "--limit", 1, "--grid-rows", 0, "--quiet", "--runtime", "openvino", "--precision", "fp32")
+    result = run(dataset, "--model", f"a={tiny_artifacts}", "--out", tmp_path, *options)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "metrics.json").read_text())["models"]["a"]["runtime"] == "openvino fp32"
+    assert "ran: a on openvino fp32" in result.output

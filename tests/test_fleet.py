@@ -643,6 +643,37 @@ def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts,
 
 
 @pytest.mark.slow
+def test_a_rerun_of_itsd_run_keeps_every_image_in_its_record_and_with_nothing_left_starts_nothing(
+    tiny_artifacts, tmp_path
+):
+    command = [*ITSD, "run", str(photos(tmp_path / "in", 3)), "-i", "Derain", "-m", str(tiny_artifacts)]
+    command += ["-o", str(tmp_path / "out"), *STEPS]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "3 done" in first.stdout, first.stderr
+    assert "starting a private Redis" in first.stderr and "warm-up" in first.stderr  # not 0% without a word
+    record = json.loads((tmp_path / "out" / "itsd-run.json").read_text())
+    (tmp_path / "out" / "set1" / "p001.png").unlink()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "1 done, 2 skipped" in second.stdout, second.stderr
+    again = json.loads((tmp_path / "out" / "itsd-run.json").read_text())
+    assert [i["this_run"] for i in again["images"]] == [False, True, False]  # sorted by output: set0, set1, set2
+    assert [i["tiles"] for i in again["images"]] == [i["tiles"] for i in record["images"]] == [1, 1, 1]
+    (tmp_path / "out" / "itsd-contact-sheet.jpg").unlink()
+    nothing = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while nothing.poll() is None:
+        seen |= descendants(nothing.pid)
+        time.sleep(0.02)
+    stdout, stderr = nothing.communicate()
+    assert nothing.returncode == 0 and "0 done, 3 skipped" in stdout and "nothing to do" in stderr, stderr
+    assert seen == set() and "starting" not in stderr  # no Redis, no workers
+    last = json.loads((tmp_path / "out" / "itsd-run.json").read_text())
+    assert [i["working_size"] for i in last["images"]] == [i["working_size"] for i in again["images"]]
+    assert last["contact_sheet"] and (tmp_path / "out" / "itsd-contact-sheet.jpg").is_file()  # made again
+    assert f"contact sheet: {tmp_path / 'out' / 'itsd-contact-sheet.jpg'}" in stdout
+
+
+@pytest.mark.slow
 def test_itsd_run_names_a_worker_that_died_starts_another_and_finishes_the_batch(tiny_artifacts, tmp_path):
     inputs, out = photos(tmp_path / "in", 12, size=(128, 128)), tmp_path / "out"
     command = [*ITSD, "run", str(inputs), "-i", "Cartoonize", "-m", str(tiny_artifacts), "-o", str(out), "-q"]

@@ -136,7 +136,7 @@ def test_the_bundled_model_brightens_a_dark_2_mp_photo_as_the_whole_photo_decide
     their piece is and stray far from the whole-photo edit (the photo at native size, enlarged); the default
     stays within 12 levels of it in every 128-px block, and closer to the clean photo than tiles alone."""
     from export.exporter import export_checkpoint
-    from producer.run import BUNDLED_MODEL
+    from producer.models import BUNDLED_MODEL
     from training.degrade import low_light
     from training.recipes.photos import PHOTOS
     from worker.pipeline import OnnxEditPipeline

@@ -47,3 +47,22 @@ def test_a_corrupt_onnx_file_is_an_invalid_model(tmp_path):
     bad.write_bytes(b"definitely not protobuf")
     with pytest.raises(InvalidModel, match="ONNX Runtime cannot load"):
         providers.session(bad, providers.choose(("CPUExecutionProvider",)))
+
+
+def test_gpu_providers_the_default_order_names_are_a_debug_line_unless_the_user_asked_for_them(
+    tiny_artifacts, caplog, monkeypatch
+):
+    """A CPU-only build lacks TensorRT and CUDA, which only the default order names: no warning on every load.
+    Named in ITSD_PROVIDERS (or by --device cuda), their absence is worth one."""
+    from worker.pipeline import OnnxEditPipeline
+
+    monkeypatch.setattr(providers, "_reported", set())
+    monkeypatch.delenv("ITSD_PROVIDERS")
+    with caplog.at_level(logging.DEBUG, logger="worker.providers"):
+        OnnxEditPipeline(tiny_artifacts)
+    assert {r.levelno for r in caplog.records if "not in this onnxruntime build" in r.message} == {logging.DEBUG}
+    caplog.clear()
+    monkeypatch.setenv("ITSD_PROVIDERS", "CUDAExecutionProvider,CPUExecutionProvider")
+    with caplog.at_level(logging.DEBUG, logger="worker.providers"):
+        OnnxEditPipeline(tiny_artifacts)
+    assert [r.levelno for r in caplog.records if "CUDAExecutionProvider" in r.message] == [logging.WARNING]

@@ -180,6 +180,17 @@ def test_the_int8_gate_refuses_an_impossible_bar_in_one_warning_and_keeps_its_me
     assert 35 < kept["psnr_db"] < 99 and set(kept["unet_s"]) == {"fp32", "int8"}
 
 
+def test_a_precision_auto_tried_and_its_gate_refused_is_an_info_line_not_a_warning(
+    tiny_artifacts, int8_cache, monkeypatch, caplog
+):
+    """`auto` trying int8 (or bf16) and keeping fp32 is the choice working: no warning on every model load."""
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: False)
+    with caplog.at_level(logging.INFO, logger="worker.runtimes"):
+        kept = runtimes.gated(tiny_artifacts, "int8", Settings(cache_dir=int8_cache, int8_min_psnr=500), auto=True)
+    assert kept.precision == "fp32"
+    assert [r.levelno for r in caplog.records if "under ITSD_INT8_MIN_PSNR" in r.message] == [logging.INFO]
+
+
 def test_auto_on_this_cpu_follows_the_gates_measurement(tiny_artifacts, int8_cache, monkeypatch):
     monkeypatch.setenv("ITSD_CACHE_DIR", str(int8_cache))
     settings = Settings.from_env()

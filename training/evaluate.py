@@ -53,6 +53,8 @@ class EvaluationSpec:
     clip_model: Path | None = None  # a local transformers CLIP folder; without it, CLIP figures are skipped
     grid_rows: int = 8  # examples per task in the grids
     backend: str | None = None  # None: onnx for an artifact folder, torch for a checkpoint
+    runtime: str = "auto"  # what runs an artifact folder, chosen as a worker chooses (worker.runtimes)
+    precision: str = "auto"
     columns: Schema | None = None  # column names that override the detected schema's (empty ones do not)
 
 
@@ -189,7 +191,7 @@ def evaluate_models(
         rows = rows.select(range(min(spec.limit, len(rows))))
     if len(rows) == 0:
         raise EvaluationError(f"split {split!r} of {spec.dataset} has no rows")
-    backends = load_backends(spec.models, spec.backend)
+    backends = load_backends(spec.models, spec.backend, spec.runtime, spec.precision)
     clip, clip_note = clip_or_reason(spec.clip_model)
     if clip is None:
         report(f"CLIP similarity {clip_note}")
@@ -212,7 +214,10 @@ def evaluate_models(
             "instruction": schema.instruction_column,
             "target": schema.target_column,
         },
-        "models": {name: {"path": path, "backend": spec.backend or detect(path)} for name, path in spec.models.items()},
+        "models": {
+            name: {"path": path, "backend": spec.backend or detect(path), "runtime": backends[name].label}
+            for name, path in spec.models.items()
+        },
         "clip": clip_note,
     } | {key: value for key, value in figures.items() if key != "models"}
     write_report(out, result, grids)
@@ -232,12 +237,18 @@ def select_tasks(rows: Any, tasks: tuple[str, ...]) -> Any:
     return rows.select([i for i, task in enumerate(rows[TASK_COLUMN]) if task in wanted])
 
 
-def load_backends(models: dict[str, str], backend: str | None) -> dict[str, Backend]:
-    """Every model loaded; one that cannot be is an EvaluationError naming it."""
+def load_backends(models: dict[str, str], backend: str | None, runtime: str, precision: str) -> dict[str, Backend]:
+    """Every model loaded, an artifact folder on `runtime` and `precision` as a worker loads it; one that cannot be
+    is an EvaluationError naming it."""
     loaded = {}
     for name, path in models.items():
         try:
-            loaded[name] = load_backend(path, backend)
+            if (backend or detect(path)) == "onnx":
+                from worker.runtimes import load_artifacts
+
+                loaded[name] = load_artifacts(Path(path), runtime, precision)
+            else:
+                loaded[name] = load_backend(path, backend)
         except (ItsdError, OSError, ValueError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise EvaluationError(f"--model {name}={path}: {reason}") from None

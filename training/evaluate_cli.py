@@ -13,9 +13,9 @@ import click
 
 from core.backends import BACKENDS
 from core.params import EditParams
-from producer.options import edit_options
+from producer.options import edit_options_seeded, runtime_options
 from training.dataset import Schema
-from training.evaluate import EvaluationSpec, evaluate_models
+from training.evaluate import EVAL_SEED, EvaluationSpec, evaluate_models
 from training.prepare_cli import column_name_options
 
 
@@ -73,7 +73,8 @@ def parse_models(ctx: click.Context, param: click.Parameter, values: tuple[str, 
     help="Force a backend. [default: onnx for an artifact folder, torch for a checkpoint]",
 )
 @column_name_options
-@edit_options
+@edit_options_seeded(f"{EVAL_SEED}, so runs are reproducible")
+@runtime_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(
     dataset: Path,
@@ -88,14 +89,15 @@ def evaluate(
 ) -> None:
     """Measure models on a DATASET split (either format of `itsd prepare`): PSNR and SSIM against the target per
     task, beside the untouched input's figures (the identity baseline), optional CLIP similarities,
-    and comparison grids (input | models... | target).
+    and comparison grids (input | models... | target). An artifact folder runs on --runtime and --precision, chosen
+    as a worker chooses them; the report names what ran each model.
 
-    Writes OUT/metrics.json, OUT/metrics.md and OUT/grids/<task>.png; prints the table. The seed
-    defaults to 0 so runs are reproducible.
+    Writes OUT/metrics.json, OUT/metrics.md and OUT/grids/<task>.png; prints the table.
     """
     columns = Schema(original_image_column or "", edit_prompt_column or "", edited_image_column or "")
     spec = EvaluationSpec(dataset, models, params, columns=columns, **options)
     report = evaluate_models(spec, out, progress=not quiet, report=functools.partial(click.echo, err=True))
     click.echo((out / "metrics.md").read_text(), nl=False)
+    click.echo("ran: " + "; ".join(f"{name} on {model['runtime']}" for name, model in report["models"].items()))
     grids = len(report["tasks"]) if spec.grid_rows else 0  # one per task
     click.echo(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {grids} grid(s) in {out / 'grids'}")

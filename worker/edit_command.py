@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from core.backends import BACKENDS, detect, load_backend
+from core.backends import BACKENDS, load_backend
 from core.edit import Backend, Tiling, edit_image
 from core.errors import ItsdError
 from core.images import encode_image, read_image_file
@@ -17,7 +17,8 @@ from core.inputs import check_destination, expand
 from core.params import EditParams
 from core.settings import Settings
 from core.storage import write_atomic
-from producer.options import edit_options, runtime_options, tile_batch_option
+from producer.models import artifacts_for
+from producer.options import edit_options, model_option, runtime_options, tile_batch_option
 
 
 class TileProgress:
@@ -41,24 +42,20 @@ class TileProgress:
             self.bar.close()
 
 
-def load(model: str, backend: str, runtime: str, precision: str) -> Backend:
-    """The artifacts on their runtime (onnx), or the checkpoint's torch modules (torch)."""
-    if backend == "onnx" and detect(model) == "onnx":
-        from worker.runtimes import load_artifacts
+def load(model: str, backend: str, runtime: str, precision: str, settings: Settings, quiet: bool) -> Backend:
+    """The checkpoint's torch modules (torch), or its artifacts on their runtime (onnx): an artifact folder as it
+    is, a checkpoint exported on first use and cached, as `itsd run` does."""
+    if backend == "torch":
+        return load_backend(model, backend)
+    from worker.runtimes import load_artifacts
 
-        return load_artifacts(Path(model), runtime, precision)
-    return load_backend(model, backend)
+    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    return load_artifacts(artifacts_for(model, settings, say), runtime, precision)
 
 
 @click.command()
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
-@click.option(
-    "--model",
-    "-m",
-    required=True,
-    metavar="PATH",
-    help="Artifact folder from `itsd export` (onnx), or a diffusers checkpoint (torch).",
-)
+@model_option
 @click.option("--instruction", "-i", required=True, help='What to do, e.g. "Cartoonize the image".')
 @click.option(
     "--out",
@@ -74,7 +71,8 @@ def load(model: str, backend: str, runtime: str, precision: str) -> Backend:
     type=click.Choice(list(BACKENDS)),
     default="onnx",
     show_default=True,
-    help="onnx: the artifacts a worker runs; torch: the checkpoint's own torch modules in the same loop, a baseline.",
+    help="onnx: the artifacts a worker runs (a checkpoint's export); torch: a checkpoint's own torch modules in the "
+    "same loop, a baseline.",
 )
 @runtime_options
 @tile_batch_option
@@ -107,7 +105,7 @@ def edit(
     check_destination(inputs, out)
     skipped = [item for item in inputs if skip_existing and (out / item.relative).exists()]
     inputs = [item for item in inputs if item not in skipped]
-    pipeline = load(model, backend, runtime, precision) if inputs else None
+    pipeline = load(model, backend, runtime, precision, settings, quiet) if inputs else None
     failures, start = len(refused), time.perf_counter()
     progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for item in progress:

@@ -37,6 +37,7 @@ class OnnxEditPipeline(ArtifactPipeline):
                 trt_profile=m.tensorrt_profiles.get(name),
                 fp16=m.component_dtypes[name] == "fp16",
                 cache_dir=settings.cache_dir,
+                asked=provider_names is not None or settings.providers_asked,
             )
             self.sessions[name] = sess = providers.session(folder / spec.filename, chosen)
             check_inputs(folder / spec.filename, [i.name for i in sess.get_inputs()], spec)

@@ -27,14 +27,19 @@ def choose(
     trt_profile: dict[str, dict[str, list[int]]] | None = None,
     fp16: bool = False,
     cache_dir: Path | None = None,
+    asked: bool = True,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Providers to ask for, in order, with their options; the CPU is always the last resort."""
+    """Providers to ask for, in order, with their options; the CPU is always the last resort. One this build
+    lacks is a warning where the user `asked` for it (--device cuda, ITSD_PROVIDERS), else a debug line: the
+    default order names GPU providers that a CPU-only build never has."""
     available = set(ort.get_available_providers())
     unknown = [p for p in preferred if p not in ort.get_all_providers()]
     if unknown:
         raise InvalidParameters(f"unknown execution provider(s): {', '.join(unknown)}")
     missing = tuple(p for p in preferred if p not in available)
-    if missing and missing not in _reported:
+    if missing and not asked:
+        log.debug("not in this onnxruntime build, skipped: %s", ", ".join(missing))
+    elif missing and missing not in _reported:
         _reported.add(missing)
         log.warning("not in this onnxruntime build, skipped: %s", ", ".join(missing))
     chosen: list[tuple[str, dict[str, Any]]] = []
