@@ -93,7 +93,17 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | InvalidPa
     """Each row with its line number; a JSONL line that is no JSON object comes as its error, to fail alone."""
     with path.open(newline="", encoding="utf-8") as handle:
         if path.suffix == ".csv":
-            yield from enumerate(csv.DictReader(handle), start=2)
+            reader = csv.DictReader(handle)
+            for number, row in enumerate(reader, start=2):
+                extra = row.pop(None, None)  # cells past the header's last column
+                yield (
+                    number,
+                    InvalidParameters(
+                        f"{len(extra)} more cell(s) than the header's {len(reader.fieldnames or ())} columns"
+                    )
+                    if extra
+                    else row,
+                )
             return
         for number, line in enumerate(handle, start=1):
             if line.strip():

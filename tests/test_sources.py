@@ -51,6 +51,16 @@ def test_a_manifest_row_may_set_detail_and_a_bad_one_fails_alone(tmp_path):
         assert "detail must be 0..1" in str(rejected[0].error)
 
 
+def test_a_csv_row_with_more_cells_than_its_header_fails_alone_by_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "jobs.csv").write_text("input,output\na.png,b.png,extra\na.png,c.png\n")
+    sources, rejected = collect_sources([str(tmp_path / "jobs.csv")], "x", EditParams(steps=2), Access())
+    assert [str(s.relative) for s in sources] == ["c.png"]
+    assert [(r.where.rsplit(":", 1)[1], str(r.error)) for r in rejected] == [
+        ("2", "1 more cell(s) than the header's 2 columns")
+    ]
+
+
 def test_a_manifest_row_may_strip_metadata_and_an_unknown_choice_fails_alone(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "jobs.csv").write_text("input,output,metadata\na.png,,no-gps\na.png,b.png,\na.png,c.png,some\n")
