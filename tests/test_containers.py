@@ -5,6 +5,7 @@ engine: one is started (as root) when none runs; a machine with none fails here,
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -80,3 +81,27 @@ def test_three_container_workers_finish_a_batch_exactly_once_through_a_killed_wo
         fleet.down()
     assert fleet.left_behind() == {"container": [], "volume": [], "network": []}
     run("docker", "image", "prune", "-f")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_gpu_image_installs_onnxruntime_gpu_and_no_torch_and_runs_itsd_as_uid_1000_on_a_debian_base(engine):
+    # CUDA's base cannot be pulled here: the same Dockerfile on the Debian base proves the Python stage (the
+    # build itself runs `pip check` and refuses torch) and the entrypoint, not CUDA or TensorRT at run time.
+    print(f"\nitsd-worker:debian: built in {build_images('gpu')} s, {image_size('itsd-worker:debian') / 1e6:.0f} MB")
+    probe = (
+        "import importlib.metadata as m, json, os, onnxruntime;"
+        "print(json.dumps({'uid': os.getuid(), 'providers': onnxruntime.get_available_providers(),"
+        "'dists': sorted(d.metadata['Name'].lower() for d in m.distributions())}))"
+    )
+    try:
+        found = json.loads(checked("docker", "run", "--rm", "--network", "none", "--entrypoint", "python3",
+                                   "itsd-worker:debian", "-c", probe))  # fmt: skip
+        usage = checked("docker", "run", "--rm", "--network", "none", "itsd-worker:debian", "worker", "--help")
+    finally:
+        run("docker", "image", "rm", "itsd-worker:debian")
+    assert found["uid"] == 1000
+    assert {"CUDAExecutionProvider", "TensorrtExecutionProvider"} <= set(found["providers"])
+    assert {"onnxruntime-gpu", "s3fs", "celery", "tokenizers"} <= set(found["dists"])
+    assert not {"onnxruntime", "torch", "openvino"} & set(found["dists"])
+    assert "--device" in usage
