@@ -78,6 +78,7 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    os.environ["ITSD_PRECISION"] = "fp32"  # as CpuFleet's workers: no bf16/int8 probe on either side
     with tempfile.TemporaryDirectory() as tmp, docker_engine():
         result = {
             "workers": args.workers,
