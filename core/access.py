@@ -3,8 +3,10 @@
 Whoever can enqueue to Redis can ask a worker to read or write any URI, so the worker checks every job's
 input and output before it touches either: a local path is resolved first (`..` and symlinks followed),
 then must lie under one of the roots (`ITSD_INPUT_ROOTS`, `ITSD_OUTPUT_ROOTS`, colon-separated); a URL's
-scheme must be allowed (`ITSD_URL_SCHEMES`; `file` stands for local paths). A worker with no roots
-touches no local path. A job outside them fails at once, as `outside_roots`, naming the roots.
+scheme must be allowed (`ITSD_URL_SCHEMES`; `file` stands for local paths, plain or file://, as
+`core.storage.locate` tells them apart). A worker with no roots touches no local path. A job outside them
+fails at once, as `outside_roots`, naming the roots. Producers apply the same scheme rule to what they read, so
+a manifest cannot make the submitting host fetch what the fleet refuses.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import OutsideRoots
+from core.storage import LOCAL, Location, locate
 
-LOCAL = "file"  # the scheme name of local paths in ITSD_URL_SCHEMES
 _OBJECT_STORES = {"s3": "s3fs", "gs": "gcsfs"}  # schemes allowed by default when their filesystem is installed
 
 
@@ -35,6 +37,15 @@ class Access:
     output_roots: tuple[Path, ...] = ()
     schemes: tuple[str, ...] = (LOCAL,)
 
+    def check_scheme(self, uri: str) -> Location:
+        """Where `uri` lies, if its scheme is allowed; else OutsideRoots. Producers check this before they touch
+        an input or a destination, workers before every job."""
+        location = locate(uri)
+        if location.scheme not in self.schemes:
+            allowed = ", ".join(self.schemes)
+            raise OutsideRoots(f"{uri}: {location.scheme}:// is not allowed (allowed: {allowed}; ITSD_URL_SCHEMES)")
+        return location
+
     def check_input(self, uri: str) -> None:
         self._check(uri, self.input_roots, "input")
 
@@ -42,15 +53,9 @@ class Access:
         self._check(uri, self.output_roots, "output")
 
     def _check(self, uri: str, roots: tuple[Path, ...], kind: str) -> None:
-        scheme = uri.split("://", 1)[0].lower() if "://" in uri else LOCAL
-        if scheme not in self.schemes:
-            allowed = ", ".join(self.schemes)
-            raise OutsideRoots(
-                f"{uri}: {scheme}:// is not allowed on this worker (allowed: {allowed}; ITSD_URL_SCHEMES)"
-            )
-        if scheme != LOCAL:
+        path = self.check_scheme(uri).path
+        if path is None:
             return
-        path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
         if not path.is_absolute():
             raise OutsideRoots(f"{uri}: a relative path; jobs name local files by absolute path")
         if not roots:

@@ -46,6 +46,13 @@ class InvalidModel(PermanentError):
     code = "invalid_model"
 
 
+class ModelMismatch(InvalidModel):
+    """A batch made with one model identity meets another under the same name: a worker whose artifacts differ
+    from its batch's pin, or a resubmit after the model was replaced. Never computed: results would mix."""
+
+    code = "model_mismatch"
+
+
 class ExportFailed(PermanentError):
     code = "export_failed"
 

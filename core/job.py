@@ -1,8 +1,12 @@
 """Jobs and results: frozen dataclasses that travel as JSON (never pickle), with a schema version.
 
 A job's id is a hash of everything that decides its output (input bytes, instruction, parameters and
-model identity) and of the output's key, so the same work submitted twice has the same id and can be
-recognised as done, and two inputs with the same bytes at two paths are two jobs with two outputs.
+the model's name) and of the output's key, so the same work submitted twice has the same id and can be
+recognised as done, and two inputs with the same bytes at two paths are two jobs with two outputs. The
+model's identity (its artifacts' `model_id`) is not in the id: a producer may submit before any worker has
+loaded the model. It is the batch's pin instead (`core.records.pin_model`): the first worker to run one of
+the batch's jobs pins the batch to the model it serves, a worker serving another refuses its jobs, and each
+done result records the identity that made it.
 """
 
 from __future__ import annotations
@@ -15,19 +19,20 @@ from typing import Any, Literal
 from core.errors import SchemaError
 from core.params import EditParams
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: job ids from the model's name; the identity moved from the job to its batch's pin
 Status = Literal["done", "skipped", "failed", "cancelled"]
 FINAL_STATUSES = ("done", "skipped", "failed", "cancelled")
 
 
-def job_id_for(input_digest: str, instruction: str, params: EditParams, model_id: str, output_key: str) -> str:
-    """Deterministic id: sha256 over a canonical JSON of what determines the output, and where it goes."""
+def job_id_for(input_digest: str, instruction: str, params: EditParams, model: str, output_key: str) -> str:
+    """Deterministic id: sha256 over a canonical JSON of what determines the output, and where it goes. `model`
+    is the model's name, known at submit whether or not a worker serves it yet."""
     canonical = json.dumps(
         {
             "input": input_digest,
             "instruction": instruction,
             "params": params.to_dict(),
-            "model": model_id,
+            "model": model,
             "output": output_key,
         },
         sort_keys=True,
@@ -58,7 +63,6 @@ class Job:
     input_uri: str | None = None  # local path or fsspec URL
     input_b64: str | None = None  # small images inline instead of a URI
     overwrite: bool = False
-    model_id: str | None = None  # the identity the job id was computed for; a worker serving another refuses
     relative: str | None = None  # the output's key under the destination (also the inline output's name)
     submitted_at: float | None = None  # unix time, for submit-to-start latency
     schema_version: int = JOB_VERSION
@@ -93,7 +97,6 @@ _JOB_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "input_uri": _OPTIONAL_TEXT,
     "input_b64": _OPTIONAL_TEXT,
     "overwrite": (bool,),
-    "model_id": _OPTIONAL_TEXT,
     "relative": _OPTIONAL_TEXT,
     "submitted_at": (int, float, type(None)),
     "schema_version": (int,),
@@ -114,6 +117,7 @@ class Result:
     working_height: int | None = None
     tiles: int | None = None  # UNet tiles per denoising step
     runtime: str | None = None  # what ran the model: "openvino bf16", "onnxruntime CUDAExecutionProvider", ...
+    model_id: str | None = None  # of a done job: the identity of the model that made it (the batch's pin)
     batched_jobs: int | None = None  # with --batch-jobs: the most jobs that shared one of its UNet calls
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     worker: str | None = None

@@ -36,17 +36,38 @@ PROJECT_DEFAULTS: dict[str, float] = {
     "detail": 1.0,  # of the tiled pass's finer scale on top of the whole photo's view (core.overview): all of it
     "guidance_until": 1.0,  # the fraction of the steps that run classifier-free guidance: all of them
 }
+KEEP = ("all", "no-gps", "none")  # of the photo's metadata (core.metadata), what an output keeps
 # What a model's edit_defaults.json may set: a few-step model (an LCM-LoRA fused in) carries its sampler too.
 MODEL_DEFAULTS = (*PROJECT_DEFAULTS, "max_side", "scheduler")
 
 
-_WHOLE = ("steps", "seed", "max_side")  # EditParams fields that must be integers (bools are not)
-_NUMBERS = (
-    "guidance_scale",
-    "image_guidance_scale",
-    "detail",
-    "guidance_until",
-)  # and those that must be finite numbers
+MAX_GUIDANCE = 100  # far above any useful scale (7.5 is usual, 20 already burns); 1e308 overflowed to NaN
+
+
+@dataclass(frozen=True)
+class Limit:
+    whole: bool  # an integer (bools are not); else any finite number
+    low: float  # inclusive
+    high: float  # inclusive
+
+    @property
+    def span(self) -> str:
+        """The range as people read it: `1..1000`, `0..100`."""
+        show = (lambda x: str(int(x))) if self.whole else (lambda x: f"{x:g}")
+        return f"{show(self.low)}..{show(self.high)}"
+
+
+# Each numeric edit parameter's kind and range, declared once: EditParams checks them, the CLI's options
+# (producer.options) and manifest cells (producer.sources) parse by them.
+LIMITS = {
+    "steps": Limit(True, 1, 1000),
+    "guidance_scale": Limit(False, 0, MAX_GUIDANCE),
+    "image_guidance_scale": Limit(False, 0, MAX_GUIDANCE),
+    "seed": Limit(True, 0, 2**63 - 1),
+    "max_side": Limit(True, LATENT_MULTIPLE, MAX_SIDE),
+    "detail": Limit(False, 0, 1),
+    "guidance_until": Limit(False, 0, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -62,34 +83,27 @@ class EditParams:
     # of its global view (0: the view enlarged); None: the model's default, else 1
     guidance_until: float | None = None  # 0..1: the fraction of the steps, from the first, that run guided; the
     # rest run the text+image copy alone (a third of a 3-copy step's UNet work); None: the model's default, else 1
+    metadata: str = "all"  # of KEEP: what the output keeps of the photo's EXIF, XMP and IPTC (--strip-gps: no-gps,
+    # --strip-metadata: none); left out of the JSON when "all", so jobs (and their ids) from before it stay the same
 
     def __post_init__(self) -> None:
         problems = []
-        for name in (*_WHOLE, *_NUMBERS):
-            value, whole = getattr(self, name), name in _WHOLE
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
-                problems.append(f"{name} must be {'an integer' if whole else 'a number'}, got {value!r}")
-            elif not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int if limit.whole else int | float):
+                problems.append(f"{name} must be {'an integer' if limit.whole else 'a number'}, got {value!r}")
+            elif not limit.whole and not math.isfinite(value):  # (an int is; a huge one would not fit a float)
                 problems.append(f"{name} must be finite, got {value!r}")
+            elif not limit.low <= value <= limit.high:
+                problems.append(f"{name} must be {limit.span}, got {value}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             problems.append(f"scheduler must be a name, got {self.scheduler!r}")
-        if problems:  # the ranges below can only be checked on values of the right type
-            raise InvalidParameters("; ".join(problems))
-        if self.steps is not None and not 1 <= self.steps <= 1000:
-            problems.append(f"steps must be 1..1000, got {self.steps}")
-        if any(scale is not None and scale < 0 for scale in (self.guidance_scale, self.image_guidance_scale)):
-            problems.append("guidance scales must be >= 0")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+        elif self.scheduler is not None and self.scheduler not in SCHEDULERS:
             problems.append(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        for name in ("detail", "guidance_until"):
-            if (value := getattr(self, name)) is not None and not 0.0 <= value <= 1.0:
-                problems.append(f"{name} must be 0..1, got {value}")
-        if self.max_side is not None and not LATENT_MULTIPLE <= self.max_side <= MAX_SIDE:
-            problems.append(f"max_side must be {LATENT_MULTIPLE}..{MAX_SIDE}, got {self.max_side}")
+        if self.metadata not in KEEP:
+            problems.append(f"metadata must be one of {', '.join(KEEP)}, got {self.metadata!r}")
         if problems:
             raise InvalidParameters("; ".join(problems))
 
@@ -114,7 +128,10 @@ class EditParams:
         return math.ceil(round(self.guidance_until * self.steps, 6)) if self.guided else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["metadata"] == "all":
+            del data["metadata"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditParams:

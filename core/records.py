@@ -1,10 +1,11 @@
 """Where batch records live in Redis (`Keys`), and the scripts that change them atomically (`core/lua/`):
-recording a result with the batch's counts, forgetting results to run their jobs again. Celery keeps its
-messages under its own names; these are itsd's."""
+recording a result with the batch's counts, forgetting results to run their jobs again, pinning a batch to
+the model identity that runs it. Celery keeps its messages under its own names; these are itsd's."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,14 @@ from core.job import FINAL_STATUSES
 _LUA = Path(__file__).parent / "lua"
 _RECORD = (_LUA / "record.lua").read_text()
 _FORGET = (_LUA / "forget.lua").read_text()
+_PIN = (_LUA / "pin.lua").read_text()
+PIN = "model_id"  # the batch record's field: the identity of the model its jobs are made with, once pinned
 
 
 class Keys:
     """Redis keys of itsd's own records (Celery keeps its messages under its own names)."""
 
-    models = "itsd:models"  # hash: model name -> JSON {model_id, artifacts, worker}, written by workers
+    models = "itsd:models"  # hash: model name -> JSON {model_id, source, worker, at}, the last worker to start
     dead = "itsd:dead"  # list of JSON {job, error_type, error_message, attempts, worker, at}
     batches = "itsd:batches"  # sorted set: batch id by creation time
     workers = "itsd:workers"  # hash: worker name -> JSON {models, device, slots, host, pid, seen_at} (heartbeat)
@@ -30,6 +33,7 @@ class Keys:
         self.results = f"{self.batch}:results"  # hash: job id -> result JSON, once final
         self.outputs = f"{self.batch}:outputs"  # hash: job id -> base64 output, for inline jobs
         self.attempts = f"{self.batch}:attempts"  # hash: job id -> deliveries so far
+        self.queued = f"{self.batch}:queued"  # hash: job id -> when the producer last sent its message
         self.statuses = f"{self.batch}:statuses"  # hash: job id -> final status; the counts follow it
         self.by_worker = f"{self.batch}:workers"  # hash: worker -> jobs it recorded done (for live rates)
         self.failures = f"{self.batch}:failures"  # list: the latest failed results' JSON, newest first, capped
@@ -45,6 +49,7 @@ class Keys:
             self.results,
             self.outputs,
             self.attempts,
+            self.queued,
             self.statuses,
             self.by_worker,
             self.failures,
@@ -52,6 +57,27 @@ class Keys:
 
 
 FAILURES_KEPT = 20  # the latest failed results a batch keeps for live views
+
+
+def dead_letter(
+    client: Any,
+    job: dict[str, Any],
+    error_type: str | None,
+    error_message: str | None,
+    attempts: int = 0,
+    worker: str | None = None,
+) -> None:
+    """Add an entry to the dead-letter list (`Keys.dead`): a job's payload, or what is known of a message that
+    was no job, with the reason."""
+    entry = {
+        "job": job,
+        "error_type": error_type,
+        "error_message": error_message,
+        "attempts": attempts,
+        "worker": worker,
+        "at": time.time(),
+    }
+    client.lpush(Keys.dead, json.dumps(entry))
 
 
 def record_result(client: Any, keys: Keys, result: dict[str, Any], expires: int, first: bool = False) -> bool:
@@ -78,6 +104,12 @@ def forget_results(client: Any, keys: Keys, job_ids: list[str]) -> None:
     for start in range(0, len(job_ids), 1000):
         chunk = job_ids[start : start + 1000]
         client.eval(_FORGET, 4, keys.batch, keys.results, keys.statuses, keys.outputs, *chunk)
+
+
+def pin_model(client: Any, keys: Keys, model_id: str) -> str:
+    """The identity the batch is pinned to: `model_id` if the batch had none (`lua/pin.lua`), else the first's."""
+    pinned = client.eval(_PIN, 1, keys.batch, PIN, model_id)
+    return pinned.decode() if isinstance(pinned, bytes) else pinned
 
 
 def status_counts(client: Any, keys: Keys) -> dict[str, int]:

@@ -73,9 +73,11 @@ def tls_options(url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": _CERT_REQS[reqs], **{key: query[key] for key in _TLS_FILES if key in query}}
 
 
-def redis_client(url: str) -> Any:
+def redis_client(url: str, retries: int = 20, timeout: float = 30.0) -> Any:
     """A redis-py client for itsd's own records that rides out a Redis restart (retries with backoff for
-    about a minute). redis is imported here, not at module level: core stays free of it."""
+    about a minute). With `retries=0` and a short `timeout` it raises within seconds instead, for whoever
+    must say that Redis is away (`itsd submit --wait`). redis is imported here, not at module level: core
+    stays free of it."""
     import redis
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
@@ -83,9 +85,9 @@ def redis_client(url: str) -> Any:
     return redis.Redis.from_url(
         url,
         socket_keepalive=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
+        socket_connect_timeout=min(5.0, timeout),
+        socket_timeout=timeout,
         health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=4.0, base=0.25), retries=20),
+        retry=Retry(ExponentialBackoff(cap=4.0, base=0.25), retries=retries),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )

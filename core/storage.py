@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +47,36 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _local_path(uri: str) -> Path | None:
-    """The filesystem path of a plain path or file:// URI; None for any other scheme (fsspec's)."""
-    scheme = uri.split("://", 1)[0] if "://" in uri else ""
-    if not scheme:
-        return Path(uri)
-    if scheme == "file":
-        return Path(uri[len("file://") :])
-    return None
+LOCAL = "file"  # the scheme of local paths, plain or file://, as ITSD_URL_SCHEMES names it
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)  # RFC 3986's scheme, then ://
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an input or output named by a path or URI lies: its scheme (`file` for a local path) and the rest."""
+
+    scheme: str
+    rest: str  # after `scheme://`; a plain path as given
+
+    @property
+    def path(self) -> Path | None:
+        """The local path (file:// taken off), or None for a URL that fsspec opens."""
+        return Path(self.rest) if self.scheme == LOCAL else None
+
+    @property
+    def key(self) -> str:
+        """The output key it names by default: the path as given, or the URL's after its scheme, without a
+        leading /."""
+        return self.rest.lstrip("/")
+
+
+def locate(value: str) -> Location:
+    """The one rule for every path and URI: `SCHEME://...` is a URL, except that file:// names a local path;
+    anything else is a local path. The scheme is lower-cased, as URLs' are."""
+    match = _SCHEME.match(value)
+    if match is None:
+        return Location(LOCAL, value)
+    return Location(match[1].lower(), match[2])
 
 
 def remote_fs(uri: str) -> tuple[Any, str]:
@@ -68,8 +92,9 @@ def remote_fs(uri: str) -> tuple[Any, str]:
 
 def join_uri(destination: str, relative: str) -> str:
     """DEST + a safe relative key, for local folders and URLs alike."""
-    if _local_path(destination) is not None and "://" not in destination:
-        return str(Path(destination) / relative)
+    local = locate(destination).path
+    if local is not None:
+        return str(local / relative)
     return destination.rstrip("/") + "/" + relative
 
 
@@ -95,7 +120,7 @@ def _check_size(size: int, max_bytes: int) -> None:
 
 def read_uri(uri: str, max_bytes: int) -> bytes:
     """The bytes at `uri`; a device, FIFO or socket, or anything over `max_bytes`, is refused before reading."""
-    local = _local_path(uri)
+    local = locate(uri).path
     try:
         if local is not None:
             check_readable(local, max_bytes)
@@ -118,7 +143,7 @@ def read_uri(uri: str, max_bytes: int) -> bytes:
 
 
 def uri_exists(uri: str) -> bool:
-    local = _local_path(uri)
+    local = locate(uri).path
     if local is not None:
         return local.is_file()
     fs, path = remote_fs(uri)
@@ -130,7 +155,7 @@ def uri_exists(uri: str) -> bool:
 
 def write_uri(uri: str, data: bytes) -> None:
     """Write so a reader never sees half an output: temp then rename locally; one put for object stores."""
-    local = _local_path(uri)
+    local = locate(uri).path
     try:
         if local is not None:
             write_atomic(local, data)

@@ -2,8 +2,14 @@
 and reading progress back. `itsd submit`, `status`, `collect`, `cancel` and `run` are thin over this.
 
 The batch id is a hash of its job ids and destination, so submitting the same work again finds the
-same batch: finished jobs are skipped, failed and cancelled ones are run again, the rest re-queued
-(a copy that is still queued is recognised by its worker and skipped).
+same batch: finished jobs are skipped, failed and cancelled ones are run again, those still queued or
+running are left alone, and the rest (whose message was lost) are queued again.
+
+Job ids need the model's name only, so a batch can be submitted before any worker has loaded the model; its
+jobs wait in the queue. The first worker to run one pins the batch to the model identity it serves, and a
+worker serving another refuses the batch's jobs (`worker.jobs`). A resubmit meets the pin here: once workers
+have registered another identity under the name, the batch is refused, or with --overwrite unpinned and
+recomputed, so a batch's results never mix two models.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from typing import Any
 
 from celery import Celery
 
-from core.errors import InvalidParameters, ItsdError
+from core.errors import InvalidParameters, ItsdError, ModelMismatch
+from core.holds import hand_back, in_flight
 from core.job import Job, Result, job_id_for
 from core.queue import TASK_NAME, celery_config, queue_for
-from core.records import Keys, forget_results, record_result, status_counts
+from core.records import PIN, Keys, forget_results, record_result, status_counts
 from core.redis_url import check_connection, redis_client
 from core.settings import Settings
 from core.storage import join_uri, read_uri, uri_exists
@@ -43,18 +50,11 @@ class Broker:
         self.app = Celery("itsd-producer", set_as_current=False)
         self.app.conf.update(celery_config(url, settings))
 
-    def model_id(self, model: str) -> str:
-        """The identity a worker registered for `model` (job ids depend on it)."""
-        queue_for(model)
+    def registered(self, model: str) -> str | None:
+        """The identity the last worker to start registered for `model`; None while no worker has served it."""
+        queue_for(model)  # a name no queue can have is refused before anything is read
         entry = self.client.hget(Keys.models, model)
-        if entry is None:
-            known = sorted(name.decode() for name in self.client.hkeys(Keys.models))
-            raise InvalidParameters(
-                f"no worker has registered model {model!r} on this broker"
-                + (f" (known: {', '.join(known)})" if known else "")
-                + f"; start one with `itsd worker --model {model}=ARTIFACTS`"
-            )
-        return json.loads(entry)["model_id"]
+        return None if entry is None else json.loads(entry)["model_id"]
 
 
 @dataclass(frozen=True)
@@ -64,19 +64,18 @@ class Submission:
     queued: int  # sent to workers now
     finished: int  # already done or skipped before this submit
     failed: int  # refused at submit (unreadable input, bad manifest row)
+    in_flight: int = 0  # queued or running since an earlier submit: not sent again
 
 
 def _failure_id(where: str) -> str:
     return "x" + hashlib.sha256(where.encode()).hexdigest()[:31]
 
 
-def _job_for(
-    source: BatchInput, destination: str, model: str, model_id: str, inline: int, overwrite: bool, max_bytes: int
-) -> Job:
+def _job_for(source: BatchInput, destination: str, model: str, inline: int, overwrite: bool, max_bytes: int) -> Job:
     """Read and hash one input (at most `max_bytes`); `inline` > 0 carries the bytes in the job (at most that many)."""
     data = read_uri(source.uri, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
-    job_id = job_id_for(digest, source.instruction, source.params, model_id, str(source.relative))
+    job_id = job_id_for(digest, source.instruction, source.params, model, str(source.relative))
     if inline and len(data) > inline:
         raise InvalidParameters(f"{len(data)} bytes is over the inline limit of {inline} (ITSD_INLINE_MAX_BYTES)")
     return Job(
@@ -89,7 +88,6 @@ def _job_for(
         input_uri=None if inline else source.uri,
         input_b64=base64.b64encode(data).decode() if inline else None,
         overwrite=overwrite,
-        model_id=model_id,
         relative=str(source.relative),
     )
 
@@ -104,21 +102,24 @@ def submit_batch(
     overwrite: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> Submission:
-    """Record the batch and queue its unfinished jobs. `on_progress(n)` is called as inputs are read."""
-    model_id = broker.model_id(model)
+    """Record the batch and queue its unfinished jobs. `on_progress(n)` is called as inputs are read. No worker
+    need serve the model yet; a resubmit is refused if the model was replaced since the batch was pinned."""
+    registered = broker.registered(model)
     limit = broker.settings.inline_max_bytes if inline else 0
-    jobs, refused = read_jobs(broker, sources, rejected, destination, model, model_id, limit, overwrite, on_progress)
+    jobs, refused = read_jobs(broker, sources, rejected, destination, model, limit, overwrite, on_progress)
     ids = sorted({j.job_id for j in jobs} | {r.job_id for r in refused})
-    batch_id = hashlib.sha256(json.dumps([destination, model_id, ids]).encode()).hexdigest()[:16]
+    batch_id = hashlib.sha256(json.dumps([destination, model, ids]).encode()).hexdigest()[:16]
     keys = Keys(batch_id)
+    check_pin(broker.client, keys, model, registered, overwrite)
     jobs = [replace(job, batch_id=batch_id) for job in jobs]
-    pending = unfinished(broker.client, keys, jobs, refused, overwrite)
+    pending, moving = unfinished(broker, keys, jobs, refused, overwrite)
     if not overwrite and not inline:
         pending = skip_existing_outputs(broker, keys, pending)
-    info = {"destination": destination, "model": model, "model_id": model_id, "inline": int(inline)}
+    info = {"destination": destination, "model": model, "inline": int(inline)}
     record_batch(broker, keys, jobs, refused, {**info, "total": len(ids)})
     enqueue(broker, pending, model)
-    return Submission(batch_id, len(ids), queued=len(pending), finished=len(jobs) - len(pending), failed=len(refused))
+    finished = len(jobs) - len(pending) - moving
+    return Submission(batch_id, len(ids), len(pending), finished, len(refused), in_flight=moving)
 
 
 def read_jobs(
@@ -127,7 +128,6 @@ def read_jobs(
     rejected: list[Rejected],
     destination: str,
     model: str,
-    model_id: str,
     inline_limit: int,
     overwrite: bool,
     on_progress: Callable[[int], None] | None,
@@ -135,15 +135,12 @@ def read_jobs(
     """Each source's job (its input read, in parallel, for the job id), and a failed result for each input that
     could not be read or was rejected before."""
     refused = [
-        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=f"{r.where}: {r.error}")
-        for r in rejected
+        Result(_failure_id(r.where), "failed", error_type=r.error.code, error_message=r.message) for r in rejected
     ]
     jobs: list[Job] = []
     max_bytes = broker.settings.max_input_bytes
     with ThreadPoolExecutor(READERS) as pool:
-        futures = [
-            pool.submit(_job_for, s, destination, model, model_id, inline_limit, overwrite, max_bytes) for s in sources
-        ]
+        futures = [pool.submit(_job_for, s, destination, model, inline_limit, overwrite, max_bytes) for s in sources]
         for source, future in zip(sources, futures, strict=True):
             try:
                 jobs.append(future.result())
@@ -157,14 +154,46 @@ def read_jobs(
     return jobs, refused
 
 
-def unfinished(client: Any, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool) -> list[Job]:
-    """The jobs a resubmission must run: all with `overwrite`, else those not done or skipped; the results of
-    those that run again (failed, cancelled) and of refused inputs are forgotten."""
+def check_pin(client: Any, keys: Keys, model: str, registered: str | None, overwrite: bool) -> None:
+    """Meet a resubmitted batch's pin: refused when workers now register another identity for the model (its
+    results so far would mix with the new model's); with `overwrite`, unpinned, as every job runs again and the
+    first worker to take one pins it anew. A batch no worker has pinned yet, or a model no worker has
+    registered, has nothing to compare: the workers check the pin themselves."""
+    pinned = client.hget(keys.batch, PIN)
+    if pinned is None:
+        return
+    if overwrite:
+        client.hdel(keys.batch, PIN)
+    elif registered is not None and pinned.decode() != registered:
+        raise ModelMismatch(
+            f"batch {keys.batch_id} was made with model {model} {pinned.decode()}, and its workers now serve "
+            f"{registered} under that name: submit with --overwrite to recompute it all with {registered}, "
+            "or with another --out"
+        )
+
+
+def unfinished(
+    broker: Broker, keys: Keys, jobs: list[Job], refused: list[Result], overwrite: bool
+) -> tuple[list[Job], int]:
+    """The jobs a resubmission must send, and how many others are in flight. With `overwrite`: all of them.
+    Otherwise those not done or skipped, less those whose message is still somewhere (waiting in the queue,
+    held by a live worker, or sent a moment ago: core.holds), which would only be delivered twice; messages of
+    workers that died holding them are handed back to the queue first. The results of those that run again
+    (failed, cancelled) and of refused inputs are forgotten."""
+    client = broker.client
     known = {k.decode(): v.decode() for k, v in client.hgetall(keys.statuses).items()}
     finished = set() if overwrite else {i for i, status in known.items() if status in ("done", "skipped")}
     rerun = [j.job_id for j in jobs if j.job_id in known and j.job_id not in finished]
     forget_results(client, keys, rerun + [r.job_id for r in refused])
-    return [j for j in jobs if j.job_id not in finished]
+    pending = [j for j in jobs if j.job_id not in finished]
+    sent = {k.decode(): float(v) for k, v in client.hgetall(keys.queued).items()}
+    candidates = {j.job_id for j in pending if j.job_id in sent and j.job_id not in known}
+    if overwrite or not candidates:
+        return pending, 0
+    queue = queue_for(pending[0].model)
+    hand_back(client, [queue], broker.settings.claim_ttl)
+    moving = in_flight(client, queue, candidates, sent, broker.settings.claim_ttl)
+    return [j for j in pending if j.job_id not in moving], len(moving)
 
 
 def skip_existing_outputs(broker: Broker, keys: Keys, pending: list[Job]) -> list[Job]:
@@ -195,8 +224,17 @@ def record_batch(broker: Broker, keys: Keys, jobs: list[Job], refused: list[Resu
 
 
 def enqueue(broker: Broker, jobs: list[Job], model: str) -> None:
-    """Send each job to its model's queue, by task name (the task id is the job id)."""
-    queue = queue_for(model)
+    """Send each job to its model's queue, by task name (the task id is the job id), noting when in its batch's
+    `queued` hash first (a resubmission sends again only what is not in flight: `unfinished`)."""
+    queue, now = queue_for(model), time.time()
+    by_batch: dict[str, dict[str, float]] = defaultdict(dict)
+    for job in jobs:
+        by_batch[job.batch_id][job.job_id] = now
+    with broker.client.pipeline(transaction=False) as pipe:
+        for batch_id, sent in by_batch.items():
+            pipe.hset(Keys(batch_id).queued, mapping=sent)
+            pipe.expire(Keys(batch_id).queued, broker.settings.result_expires)
+        pipe.execute()
     with broker.app.producer_or_acquire() as producer:
         for job in jobs:
             message = replace(job, submitted_at=time.time()).to_dict()

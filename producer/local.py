@@ -1,5 +1,6 @@
 """Processes on this machine: a private `redis-server` and local `itsd worker`s, started and stopped
-cleanly (no orphans, Ctrl-C included). `itsd run`, the tests and the fleet benchmark use them."""
+cleanly (no orphans, Ctrl-C included), and a `Supervisor` that starts a worker again when it dies.
+`itsd run`, the tests and the fleet benchmark use them."""
 
 from __future__ import annotations
 
@@ -198,6 +199,47 @@ class LocalWorker:
     def kill(self) -> None:
         if self.process is not None:
             _stop_group(self.process, grace=0, first=signal.SIGKILL)
+
+
+RESTARTS = 3  # times a Supervisor starts a worker again that died (a worker that cannot start dies each time)
+
+
+class Supervisor:
+    """Watches local workers: one that died (the OOM killer, a SIGKILL) is named on one line, with how it ended
+    and a copy of its log kept in the temporary folder, and started again, at most RESTARTS times. The job it
+    held goes back to the queue (core.holds). Raises LocalProcessFailed, with the log's end, once none is left."""
+
+    def __init__(self, workers: list[LocalWorker]) -> None:
+        self.workers = workers
+        self.restarts = {w.name: 0 for w in workers}
+
+    def __call__(self) -> list[str]:
+        """What happened since the last call, one line each."""
+        lines = []
+        for worker in self.workers:
+            if worker.process is None or worker.alive() or self.restarts[worker.name] > RESTARTS:
+                continue
+            code = worker.process.returncode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            kept = Path(tempfile.gettempdir()) / f"itsd-{worker.name}-{worker.process.pid}.log"
+            shutil.copyfile(worker.log_path, kept)
+            worker.kill()  # what is left of its process group: pool children outlive a killed parent
+            self.restarts[worker.name] += 1
+            if self.restarts[worker.name] > RESTARTS:
+                lines.append(
+                    f"worker {worker.name} died ({how}; log {kept}), not started again: it died {RESTARTS + 1} times"
+                )
+                continue
+            worker.start()
+            lines.append(
+                f"worker {worker.name} died ({how}; log {kept}); started another, its job goes back to the queue"
+            )
+        if all(self.restarts[w.name] > RESTARTS for w in self.workers):
+            last = self.workers[-1]
+            raise LocalProcessFailed(
+                f"every worker died {RESTARTS + 1} times; the end of {last.name}'s log:\n{last.log_tail()}"
+            )
+        return lines
 
 
 def wait_registered(client: Any, models: list[str], workers: list[LocalWorker], timeout: float = 120.0) -> None:

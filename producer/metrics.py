@@ -2,8 +2,8 @@
 see the fleet from outside it (workers serve their own /metrics: `worker.metrics`).
 
 - `itsd_queue_depth{model}`: messages waiting in `itsd.<model>` (LLEN, as KEDA's Redis lists scaler reads
-  it), for every model a worker has registered and every `itsd.*` queue found, so a model scaled to zero
-  still shows its waiting jobs.
+  it), for every model a worker has registered and every `itsd.*` queue found, so a model scaled to zero, or
+  one no worker has served yet, still shows its waiting jobs.
 - `itsd_jobs_reserved{model}`: messages a worker has taken and not yet acknowledged. kombu keeps each one in
   its `unacked` hash (delivery tag -> [message, exchange, routing key]) until the task ends; the routing
   key is the queue. Reserved includes running: a worker takes one message per free slot (prefetch 1).

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import click
 
 from core.errors import InvalidParameters
-from core.params import LATENT_MULTIPLE, MAX_SIDE, PROJECT_DEFAULTS, SCHEDULERS, EditParams
+from core.params import LIMITS, PROJECT_DEFAULTS, SCHEDULERS, EditParams
 from core.settings import PRECISIONS, RUNTIMES
 
 
@@ -20,30 +20,36 @@ def _model_default(name: str) -> str:
     return f"[default: the model's (edit_defaults.json), else {PROJECT_DEFAULTS[name]}]"
 
 
+def _ranged(name: str) -> click.ParamType:
+    """The option type of an edit parameter, from its one declaration (core.params.LIMITS)."""
+    limit = LIMITS[name]
+    return (click.IntRange if limit.whole else click.FloatRange)(limit.low, limit.high)
+
+
 def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --steps ... --max-side to a command; it receives them as one `params: EditParams`."""
+    """Add --steps ... --strip-metadata to a command; it receives them as one `params: EditParams`."""
     options = [
         click.option(
             "--steps",
-            type=click.IntRange(1, 1000),
+            type=_ranged("steps"),
             default=None,
             help=f"Denoising steps. {_model_default('steps')}",
         ),
         click.option(
             "--guidance-scale",
-            type=click.FloatRange(0),
+            type=_ranged("guidance_scale"),
             default=None,
             help=f"How strongly to follow the instruction. {_model_default('guidance_scale')}",
         ),
         click.option(
             "--image-guidance-scale",
-            type=click.FloatRange(0),
+            type=_ranged("image_guidance_scale"),
             default=None,
             help=f"How closely to stay with the input image. {_model_default('image_guidance_scale')}",
         ),
         click.option(
             "--seed",
-            type=click.IntRange(0, 2**63 - 1),
+            type=_ranged("seed"),
             default=None,
             help="Seed for the initial noise; the same seed gives the same image. [default: random]",
         ),
@@ -52,14 +58,14 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--max-side",
-            type=click.IntRange(LATENT_MULTIPLE, MAX_SIDE),
+            type=_ranged("max_side"),
             default=None,
             help="Shrink first so the longest side is at most this (faster, coarser); the output is resized back "
             "to the input's size. [default: the model's (edit_defaults.json), else the input's own size, in tiles]",
         ),
         click.option(
             "--detail",
-            type=click.FloatRange(0, 1),
+            type=_ranged("detail"),
             default=None,
             help="An image of several tiles is edited whole at one tile (which decides tone, colour and whether to "
             "change) and in tiles at its own size: how much of the tiles' finer detail to add (0: the whole view "
@@ -67,11 +73,22 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--guidance-until",
-            type=click.FloatRange(0, 1),
+            type=_ranged("guidance_until"),
             default=None,
             help="The fraction of the steps, from the first, that run classifier-free guidance; the rest run one "
             "UNet copy instead of three (0.4 of 20 steps: 36 UNet evaluations instead of 60). "
             f"{_model_default('guidance_until')}",
+        ),
+        click.option(
+            "--strip-gps",
+            is_flag=True,
+            help="Leave the location out of the outputs (EXIF's GPS, XMP's GPS); the rest of the photo's metadata "
+            "stays. [default: outputs keep the photo's EXIF, XMP and IPTC]",
+        ),
+        click.option(
+            "--strip-metadata",
+            is_flag=True,
+            help="Leave all of the photo's EXIF, XMP and IPTC out of the outputs (the colour profile stays).",
         ),
     ]
 
@@ -86,11 +103,14 @@ def edit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         max_side: int | None,
         detail: float | None,
         guidance_until: float | None,
+        strip_gps: bool,
+        strip_metadata: bool,
         **kwargs: Any,
     ) -> Any:
+        metadata = "none" if strip_metadata else "no-gps" if strip_gps else "all"
         try:
             params = EditParams(
-                steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail, guidance_until
+                steps, guidance_scale, image_guidance_scale, seed, scheduler, max_side, detail, guidance_until, metadata
             )
         except InvalidParameters as exc:
             raise click.BadParameter(str(exc)) from None

@@ -1,15 +1,15 @@
-"""Jobs whose message was lost, found and sent again, so that a batch never waits forever.
+"""Jobs whose message is gone or stuck, found and sent again, so that a batch never waits an hour or forever.
 
-kombu's Redis transport takes a message with BRPOP, and records it as taken (in its `unacked` hash, from
-which a dead worker's messages come back) with a second command. If Redis stops between the two (a
-restart, a SIGKILL) or the reply never reaches the worker, the message is in neither place: the job is
-pending and nothing will run it. `bench/soak.py` met this once in 4,000 jobs under 20 faults.
-
-A job is lost when its batch has no final result for it, its queue is empty (so its message is not
-waiting), no worker holds its claim (so it is not running) and no taken message carries its id (so it is
-not waiting on a retry's countdown, or for a dead worker's messages to come back). `itsd submit --wait`
-looks once progress has stalled, and sends such jobs again. Sending one twice by mistake costs nothing:
-the claim and the output check make the second delivery a skip. Inline jobs cannot be sent again
+Two ways a job's message goes missing while the batch is pending (core.holds tells where a message is):
+- its worker died holding it (SIGKILL, the OOM killer, a lost machine): the message sits in kombu's `unacked`
+  hash until the visibility timeout, an hour. Once no live worker has held the job's claim for a claim TTL,
+  it is handed back to the queue (workers do this at each heartbeat too: worker.registry).
+- Redis stopped as a worker took it: kombu takes a message with BRPOP and records it as taken with a second
+  command, so a kill between the two (or a reply that never reaches the worker) leaves it in neither place.
+  A job that is not final, not waiting in its queue, not held, not claimed and not sent a moment ago is lost,
+  and sent again. `bench/soak.py` met this once in 4,000 jobs under 20 faults.
+`itsd submit --wait` (and `itsd run`) look once progress has stalled. Sending one twice by mistake costs
+nothing: the claim and the output check make the second delivery a skip. Inline jobs cannot be sent again
 (their bytes are not kept), so they are recorded failed with the reason: submit the batch again.
 """
 
@@ -19,48 +19,36 @@ import json
 import time
 from typing import Any
 
+from core.holds import hand_back, in_flight
 from core.job import Job, Result
 from core.queue import queue_for
 from core.records import Keys, record_result
 from producer.batch import Broker, batch_record, enqueue
 
-UNACKED = "unacked"  # kombu's hash of taken messages: delivery tag -> JSON [message, exchange, routing key]
 
-
-def _taken_ids(client: Any) -> set[str]:
-    """Task ids (our job ids) of the messages workers hold, acknowledged or not yet."""
-    ids = set()
-    for _, value in client.hscan_iter(UNACKED, count=1000):
-        try:
-            ids.add(json.loads(value)[0]["headers"]["id"])
-        except (ValueError, LookupError, TypeError):  # not a Celery message: not one of ours
-            continue
-    return ids
-
-
-def lost_jobs(client: Any, batch_id: str, model: str) -> list[str]:
-    """The batch's job ids that are not final, not queued, not running and not held by any worker."""
-    if client.llen(queue_for(model)):
-        return []  # a job may still be waiting in the queue; only an empty queue is conclusive
+def lost_jobs(client: Any, batch_id: str, model: str, claim_ttl: float) -> list[str]:
+    """The batch's job ids that are not final and whose message is nowhere (core.holds.in_flight). Only an
+    empty queue is looked into: while messages wait, a worker may yet take the job's."""
+    queue = queue_for(model)
+    if client.llen(queue):
+        return []
     keys = Keys(batch_id)
     pending = {k.decode() for k in client.hkeys(keys.jobs)} - {k.decode() for k in client.hkeys(keys.statuses)}
     if not pending:
         return []
-    candidates = sorted(pending - _taken_ids(client))
-    with client.pipeline(transaction=False) as pipe:
-        for job_id in candidates:
-            pipe.exists(Keys.claim(job_id))
-        claimed = pipe.execute()
-    return [job_id for job_id, held in zip(candidates, claimed, strict=True) if not held]
+    sent = {k.decode(): float(v) for k, v in client.hgetall(keys.queued).items()}
+    return sorted(pending - in_flight(client, queue, pending, sent, claim_ttl))
 
 
-def requeue_lost(broker: Broker, batch_id: str) -> int:
-    """Send the batch's lost jobs again (inline ones are recorded failed); how many there were."""
-    client, record = broker.client, batch_record(broker.client, batch_id)
-    keys = Keys(batch_id)
-    lost = lost_jobs(client, batch_id, record["model"])
+def requeue_lost(broker: Broker, batch_id: str, client: Any = None) -> tuple[int, int]:
+    """Hand back the messages of the batch's model that dead workers held, then send the batch's lost jobs
+    again (inline ones are recorded failed): (handed back, lost). `client` reads Redis (default: the broker's)."""
+    client = client or broker.client
+    record, keys, ttl = batch_record(client, batch_id), Keys(batch_id), broker.settings.claim_ttl
+    handed = len(hand_back(client, [queue_for(record["model"])], ttl))
+    lost = lost_jobs(client, batch_id, record["model"], ttl)
     if not lost:
-        return 0
+        return handed, 0
     jobs = [Job.from_dict(json.loads(client.hget(keys.jobs, job_id))) for job_id in lost]
     if record.get("inline") == "1":
         for job in jobs:
@@ -70,4 +58,4 @@ def requeue_lost(broker: Broker, batch_id: str) -> int:
     else:
         enqueue(broker, jobs, record["model"])
     client.hincrby(keys.batch, "requeued", len(jobs))
-    return len(jobs)
+    return handed, len(jobs)

@@ -31,8 +31,9 @@ from core.params import EditParams
 from core.records import Keys
 from core.redis_url import check_broker_url
 from core.settings import Settings
+from core.storage import locate
 from producer.batch import Broker, per_worker, results, submit_batch
-from producer.local import LocalWorker, RedisServer, wait_registered
+from producer.local import LocalWorker, RedisServer, Supervisor, wait_registered
 from producer.options import edit_options, no_password_on_argv, runtime_options, tile_batch_option
 from producer.sheet import write_contact_sheet
 from producer.sources import BatchInput, collect_sources
@@ -66,8 +67,9 @@ def artifacts_for(model: str, settings: Settings, report: Callable[[str], None])
 
 
 def local_roots(sources: list[BatchInput], out: Path) -> dict[str, str]:
-    """The roots the local workers need: the folders of this batch's local inputs, and OUT."""
-    folders = sorted({Path(s.uri).parent.resolve() for s in sources if "://" not in s.uri})
+    """The roots the local workers need: the folders of this batch's local inputs (of what a symlink names: the
+    sources allow only links within the folder they were found in), and OUT."""
+    folders = sorted({local.resolve().parent for s in sources if (local := locate(s.uri).path) is not None})
     top = [f for f in folders if not any(f != other and f.is_relative_to(other) for other in folders)]
     return {"ITSD_INPUT_ROOTS": os.pathsep.join(map(str, top)), "ITSD_OUTPUT_ROOTS": str(out.resolve())}
 
@@ -91,7 +93,7 @@ def _sheet_rows(client: Any, batch_id: str, found: list[Result]) -> list[tuple[P
     rows = []
     for result in done[:SHEET_ROWS]:
         job = Job.from_dict(json.loads(client.hget(Keys(batch_id).jobs, result.job_id)))
-        if job.input_uri and job.output_uri and "://" not in job.input_uri + job.output_uri:
+        if job.input_uri and job.output_uri and locate(job.input_uri).path and locate(job.output_uri).path:
             rows.append((Path(job.input_uri), Path(job.output_uri), f"{job.relative}: {job.instruction}"))
     return rows
 
@@ -173,15 +175,16 @@ def run(
 ) -> None:
     """Edit INPUTS... (files, folders, globs, manifests) on this machine: start Redis and workers, run
     the batch with a progress bar, stop everything. Outputs mirror the inputs under OUT, with a summary
-    (itsd-run.json) and a before/after contact sheet (itsd-contact-sheet.jpg)."""
+    (itsd-run.json) and a before/after contact sheet (itsd-contact-sheet.jpg). A symlink is followed; what it
+    names must lie under the folder it was found in (a folder given, or a named file's own), else it fails alone."""
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     settings = Settings.from_env()
     start = time.perf_counter()
     try:
-        sources, rejected = collect_sources(list(inputs), instruction.strip(), params)
+        sources, rejected = collect_sources(list(inputs), instruction.strip(), params, settings.access)
         if any(not s.instruction for s in sources):
             raise click.BadParameter("the instruction is empty", param_hint="--instruction")
-        check_destination([InputFile(Path(s.uri), s.relative) for s in sources if "://" not in s.uri], out)
+        check_destination([InputFile(Path(s.uri), s.relative) for s in sources if locate(s.uri).path], out)
         artifacts = artifacts_for(model, settings, say)
         manifest = Manifest.read(artifacts)
         name = f"run-{manifest.model_id}"
@@ -195,7 +198,7 @@ def run(
             wait_registered(connection.client, [name], local)
             submission = submit_batch(connection, sources, rejected, str(out.resolve()), name, overwrite=overwrite)
             say(f"batch {submission.batch_id}: {submission.queued} queued, {submission.finished} already done")
-            counts = wait_for(connection, submission.batch_id, quiet)
+            counts = wait_for(connection, submission.batch_id, quiet, supervise=Supervisor(local))
             seconds = time.perf_counter() - start
             info = {
                 "instruction": instruction or "(per manifest row)",

@@ -1,10 +1,12 @@
 """What a batch is made of: one `BatchInput` (an image, its instruction, parameters and output key) per image,
 from files, folders, globs, URLs or manifests.
 
-A manifest is a `.csv` or `.jsonl` file whose rows name an `input` (a path relative to the manifest, or
-a URL) and may set `instruction`, `output` (the key under the destination) and any edit parameter
-(`steps`, `guidance_scale`, `image_guidance_scale`, `seed`, `scheduler`, `max_side`, `detail`,
-`guidance_until`), overriding the command line's for that row. A row that is wrong fails alone, with its line number.
+A manifest is a `.csv` or `.jsonl` file whose rows name an `input` (a path relative to the manifest, a file://
+URI, or a URL) and may set `instruction`, `output` (the key under the destination; by default the input as
+written, without its scheme or a leading /) and any edit parameter (`steps`, `guidance_scale`,
+`image_guidance_scale`, `seed`, `scheduler`, `max_side`, `detail`, `guidance_until`), overriding the command
+line's for that row, with the command line's types and ranges. A row that is wrong fails alone, with its line
+number; so does a URL whose scheme the fleet refuses (ITSD_URL_SCHEMES), which is never fetched here.
 """
 
 from __future__ import annotations
@@ -17,54 +19,46 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from core.access import Access
 from core.errors import InputNotFound, InvalidParameters, ItsdError
-from core.inputs import IMAGE_SUFFIXES, expand, safe_relative
-from core.params import EditParams
-from core.storage import remote_fs
+from core.inputs import IMAGE_SUFFIXES, Rejected, expand, safe_relative, within
+from core.params import LIMITS, EditParams
+from core.storage import locate, remote_fs, storage_error
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
-# How a manifest cell (CSV gives text) becomes each EditParams field.
+# How a manifest cell given as text (CSV's are all text) becomes each EditParams field: ranges and finiteness are
+# then EditParams' (core.params.LIMITS, as the CLI's options); a JSON number or bool goes to EditParams as it is,
+# so 2.9 steps, a seed of 7.8 or true are refused there, never rounded or counted as 1.
 PARAM_PARSERS = {
-    "steps": int,
-    "guidance_scale": float,
-    "image_guidance_scale": float,
-    "seed": int,
+    **{name: int if limit.whole else float for name, limit in LIMITS.items()},
     "scheduler": str,
-    "max_side": int,
-    "detail": float,
-    "guidance_until": float,
+    "metadata": str,  # all, no-gps or none (--strip-gps, --strip-metadata)
 }
+TEXT_COLUMNS = ("input", "instruction", "output")
 
 
 @dataclass(frozen=True)
 class BatchInput:
-    uri: str  # local path or URL
+    uri: str  # local path (absolute) or URL
     relative: PurePosixPath  # the output key under the destination
     instruction: str
     params: EditParams
 
 
-@dataclass(frozen=True)
-class Rejected:
-    where: str  # the input or manifest line
-    error: ItsdError
-
-
-def _is_url(value: str) -> bool:
-    return "://" in value and not value.startswith("file://")
-
-
 def _remote_files(pattern: str) -> list[tuple[str, PurePosixPath]]:
     """Files under a URL (a file, a folder, or a glob), named below the part without wildcards."""
-    fs, path = remote_fs(pattern)
-    protocol = pattern.split("://", 1)[0]
-    if glob.has_magic(path):
-        root = path[: path.find(next(c for c in path if c in "*?["))].rsplit("/", 1)[0]
-        found = sorted(fs.glob(path))
-    elif fs.isdir(path):
-        root, found = path.rstrip("/"), sorted(fs.find(path))
-    else:
-        root, found = path.rsplit("/", 1)[0], [path]
+    protocol = locate(pattern).scheme
+    try:
+        fs, path = remote_fs(pattern)
+        if glob.has_magic(path):
+            root = path[: path.find(next(c for c in path if c in "*?["))].rsplit("/", 1)[0]
+            found = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            root, found = path.rstrip("/"), sorted(fs.find(path))
+        else:
+            root, found = path.rsplit("/", 1)[0], [path]
+    except OSError as exc:
+        raise storage_error(f"{pattern}: cannot list", exc) from None
     files = [p for p in found if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise InputNotFound(f"{pattern}: matches no image files")
@@ -78,10 +72,21 @@ def _row_params(row: dict[str, Any], params: EditParams) -> EditParams:
         if value in (None, ""):
             continue
         try:
-            overrides[name] = parse(value)
-        except (TypeError, ValueError):
-            raise InvalidParameters(f"{name}: {value!r} is not a valid {parse.__name__}") from None
+            overrides[name] = parse(value) if isinstance(value, str) else value
+        except ValueError:
+            kind = {int: "a whole number", float: "a number"}[parse]
+            raise InvalidParameters(f"{name}: {value!r} is not {kind}") from None
     return EditParams.from_dict({**params.to_dict(), **overrides})
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    """A text column's value ("" when absent); a number or any other JSON value is refused, not turned to text."""
+    value = row.get(column)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidParameters(f"{column} must be text, got {json.dumps(value)}")
+    return value
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | InvalidParameters]]:
@@ -100,47 +105,69 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | InvalidPa
                 yield number, row if isinstance(row, dict) else InvalidParameters("a row must be a JSON object")
 
 
-def _from_manifest(path: Path, instruction: str, params: EditParams) -> tuple[list[BatchInput], list[Rejected]]:
+def _from_manifest(
+    path: Path, instruction: str, params: EditParams, access: Access
+) -> tuple[list[BatchInput], list[Rejected]]:
     sources, rejected = [], []
     for number, row in _manifest_rows(path):
         where = f"{path}:{number}"
         try:
             if isinstance(row, InvalidParameters):
                 raise row
-            unknown = set(row) - {"input", "instruction", "output"} - set(PARAM_PARSERS)
+            unknown = set(row) - set(TEXT_COLUMNS) - set(PARAM_PARSERS)
             if unknown:
                 raise InvalidParameters(f"unknown column(s): {', '.join(sorted(unknown))}")
-            value = str(row.get("input") or "")
+            value = _text(row, "input")
             if not value:
                 raise InvalidParameters("no input")
-            uri = value if "://" in value else str((path.parent / value).absolute())  # not the worker's folder
-            text = str(row.get("instruction") or instruction).strip()
+            text = (_text(row, "instruction") or instruction).strip()
             if not text:
                 raise InvalidParameters("empty instruction")
-            output = row.get("output") or (value.split("://", 1)[-1] if "://" in value else value)
-            sources.append(BatchInput(uri, safe_relative(output), text, _row_params(row, params)))
+            uri, key = _source(value, access, path.parent)
+            sources.append(BatchInput(uri, safe_relative(_text(row, "output") or key), text, _row_params(row, params)))
         except ItsdError as exc:
             rejected.append(Rejected(where, exc))
     return sources, rejected
 
 
-def collect_sources(inputs: list[str], instruction: str, params: EditParams) -> tuple[list[BatchInput], list[Rejected]]:
-    """Every image the inputs name, each with its output key; two sources writing one key are refused."""
+def _source(value: str, access: Access, folder: Path) -> tuple[str, str]:
+    """A manifest row's input as a job names it (an allowed URL, or an absolute local path, relative ones taken
+    from `folder`, not the worker's), and the output key it names by default. Nothing is read yet."""
+    location = access.check_scheme(value)
+    if location.path is None:
+        return value, location.key
+    local = (folder / location.path).absolute()
+    within(local, local.parent)
+    return str(local), location.key
+
+
+def collect_sources(
+    inputs: list[str], instruction: str, params: EditParams, access: Access
+) -> tuple[list[BatchInput], list[Rejected]]:
+    """Every image the inputs name, each with its output key; two sources writing one key are refused. Only
+    schemes `access` allows are touched (a URL the workers would refuse is not fetched here either): any other
+    input, and a symlink out of its folder (`core.inputs.within`), is rejected alone."""
     sources: list[BatchInput] = []
     rejected: list[Rejected] = []
     plain: list[str] = []
     for value in inputs:
-        if Path(value).suffix.lower() in MANIFEST_SUFFIXES and Path(value).is_file():
-            found, bad = _from_manifest(Path(value), instruction, params)
-            sources += found
-            rejected += bad
-        elif _is_url(value):
-            sources += [BatchInput(uri, rel, instruction, params) for uri, rel in _remote_files(value)]
-        else:
-            plain.append(value)
+        try:
+            location = access.check_scheme(value)
+            if location.path is None:
+                sources += [BatchInput(uri, rel, instruction, params) for uri, rel in _remote_files(value)]
+            elif location.path.suffix.lower() in MANIFEST_SUFFIXES and location.path.is_file():
+                found, bad = _from_manifest(location.path, instruction, params, access)
+                sources += found
+                rejected += bad
+            else:
+                plain.append(str(location.path))
+        except ItsdError as exc:
+            rejected.append(Rejected(value, exc))
     if plain:
         # absolute: a worker runs in a folder of its own, and would read a relative path there
-        sources += [BatchInput(str(item.path.absolute()), item.relative, instruction, params) for item in expand(plain)]
+        found, bad = expand(plain)
+        sources += [BatchInput(str(item.path.absolute()), item.relative, instruction, params) for item in found]
+        rejected += bad
     keys: dict[PurePosixPath, str] = {}
     for source in sources:
         other = keys.setdefault(source.relative, source.uri)

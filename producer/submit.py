@@ -14,11 +14,12 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from core.errors import ItsdError
 from core.inputs import safe_relative
 from core.job import Job
 from core.params import EditParams
 from core.records import Keys
-from core.redis_url import check_broker_url, redact
+from core.redis_url import check_broker_url, redact, redis_client
 from core.settings import Settings
 from core.storage import write_atomic
 from producer.batch import Broker, Submission, batch_record, cancel_batch, progress, results, submit_batch
@@ -47,14 +48,19 @@ def wait_for(
     poll: float = 0.5,
     stalled_after: float = 30.0,
     timeout: float = float("inf"),
+    supervise: Callable[[], list[str]] | None = None,
 ) -> dict[str, int]:
     """Block until every job of the batch is final, with a progress bar (done, failed, images/s, ETA). While
-    Redis is unreachable it says so on one line and keeps waiting, as the workers do; Ctrl-C stops it. After
-    `stalled_after` seconds without progress it looks for jobs whose message was lost, and sends them again.
-    After `timeout` seconds it returns the counts so far."""
+    Redis is unreachable it says so on one line within seconds (its polls do not retry) and keeps waiting, as
+    the workers do; Ctrl-C stops it. After each `stalled_after` seconds without progress it hands back the
+    jobs of workers that died holding them, and sends again jobs whose message was lost. `supervise`, called
+    at each poll, returns lines to show (`itsd run`'s workers: producer.local.Supervisor). After `timeout`
+    seconds it returns the counts so far."""
+    from kombu.exceptions import OperationalError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    client = redis_client(broker.url, retries=0, timeout=broker.settings.connect_timeout)
     total, counts = progress(broker.client, batch_id)
     unreachable, moved, seen = False, time.monotonic(), 0
     deadline = moved + timeout
@@ -68,12 +74,14 @@ def wait_for(
             if finished >= total or time.monotonic() > deadline:
                 return counts
             time.sleep(poll)
+            for line in supervise() if supervise else []:
+                bar.write(line, sys.stderr)
             try:
-                if time.monotonic() - moved > stalled_after:  # no progress: is a job's message lost?
+                if time.monotonic() - moved > stalled_after:  # no progress: did a job's holder die, or its message?
                     moved = time.monotonic()
-                    resend_lost(broker, batch_id, bar)
-                total, counts = progress(broker.client, batch_id)
-            except (RedisConnectionError, RedisTimeoutError):
+                    resend_lost(broker, batch_id, bar, client)
+                total, counts = progress(client, batch_id)
+            except (RedisConnectionError, RedisTimeoutError, OperationalError):
                 if not unreachable:
                     bar.write(
                         f"Redis at {redact(broker.url)} is unreachable; waiting for it (Ctrl-C stops)", sys.stderr
@@ -85,9 +93,12 @@ def wait_for(
                 unreachable = False
 
 
-def resend_lost(broker: Broker, batch_id: str, bar: tqdm) -> None:
-    """Send again the batch's jobs whose message was lost (Redis stopped as a worker took it), and say so."""
-    if lost := requeue_lost(broker, batch_id):
+def resend_lost(broker: Broker, batch_id: str, bar: tqdm, client: Any) -> None:
+    """Hand back the jobs of workers that died holding them, send again those whose message was lost, and say so."""
+    handed, lost = requeue_lost(broker, batch_id, client)
+    if handed:
+        bar.write(f"{handed} job(s) held by a worker that died: handed back to the queue", sys.stderr)
+    if lost:
         bar.write(f"{lost} job(s) lost their message (Redis stopped as a worker took it): sent again", sys.stderr)
 
 
@@ -131,7 +142,9 @@ def collect_outputs(broker: Broker, batch_id: str, out: Path) -> int:
 def report(broker: Broker, submission: Submission) -> None:
     click.echo(
         f"batch {submission.batch_id}: {submission.total} job(s); {submission.queued} queued, "
-        f"{submission.finished} already done" + (f", {submission.failed} refused" if submission.failed else "")
+        f"{submission.finished} already done"
+        + (f", {submission.in_flight} still queued or running (not sent again)" if submission.in_flight else "")
+        + (f", {submission.failed} refused" if submission.failed else "")
     )
 
 
@@ -147,7 +160,9 @@ def report(broker: Broker, submission: Submission) -> None:
     help="Send images inside the jobs and keep outputs in Redis (for workers without shared storage); "
     "`itsd collect` writes them.",
 )
-@click.option("--overwrite", is_flag=True, help="Recompute jobs whose output exists.")
+@click.option(
+    "--overwrite", is_flag=True, help="Recompute jobs whose output exists; also a batch made by a replaced model."
+)
 @click.option("--wait", is_flag=True, help="Wait with a progress bar until the batch is finished.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @broker_option
@@ -164,9 +179,16 @@ def submit(
     broker: Broker,
 ) -> None:
     """Queue INPUTS... (files, folders, globs, URLs, or .csv/.jsonl manifests) as one batch and print
-    its id. Submitting the same batch again resumes it: finished jobs are not recomputed."""
-    destination = out if "://" in out else str(Path(out).resolve())
-    sources, rejected = collect_sources(list(inputs), instruction.strip(), params)
+    its id. No worker need be up: the jobs wait for one. Submitting the same batch again resumes it: finished
+    jobs are not recomputed. Only URLs of the schemes the workers allow (ITSD_URL_SCHEMES) are read here; a
+    symlink must name a file under the folder it was found in (a folder given, or a named file's own). Either
+    fails alone otherwise."""
+    try:  # a destination the workers would refuse is not checked for outputs from here either
+        local = broker.settings.access.check_scheme(out).path
+    except ItsdError as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    destination = out if local is None else str(local.resolve())
+    sources, rejected = collect_sources(list(inputs), instruction.strip(), params, broker.settings.access)
     if any(not s.instruction for s in sources):
         raise click.BadParameter("the instruction is empty", param_hint="--instruction")
     if not sources and not rejected:
@@ -175,6 +197,8 @@ def submit(
         submission = submit_batch(broker, sources, rejected, destination, model, inline, overwrite, bar.update)
     report(broker, submission)
     if not wait:
+        if submission.failed:  # refused here (a bad row, an input the workers would refuse): say why now
+            echo_failures(broker, submission.batch_id)
         click.echo(f"follow it with: itsd status {submission.batch_id}")
         return
     finish(broker, submission.batch_id, Path(out) if inline else None, quiet)

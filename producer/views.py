@@ -13,7 +13,7 @@ import click
 
 from core.job import Result
 from core.queue import WORKER_HEARTBEAT_S
-from core.records import Keys, status_counts
+from core.records import PIN, Keys, status_counts
 from producer.batch import Broker, batch_record, per_worker, progress, results
 from producer.submit import broker_option, describe, echo_failures, input_name
 
@@ -125,7 +125,8 @@ def status(batch_id: str, as_json: bool, watch: bool, interval: float, broker: B
     state = "finished" if sum(counts.values()) >= total else "running"
     state = "cancelled" if record.get("cancelled") == "1" else state
     click.echo(f"batch {batch_id} ({state}): {describe(counts, total)}")
-    click.echo(f"model {record['model']} ({record['model_id']}), outputs in {record['destination']}")
+    pinned = record.get(PIN) or "not pinned yet: no worker has run one of its jobs"
+    click.echo(f"model {record['model']} ({pinned}), outputs in {record['destination']}")
     for worker, row in workers.items():
         click.echo(f"  {worker}: {row['done']} done, {row['images_per_s']} img/s, {row['s_per_image']} s/img")
     echo_failures(broker, batch_id)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny InstructPix2Pix checkpoint and its ONNX export, built once per session."""
+"""Shared fixtures: a tiny InstructPix2Pix checkpoint and its ONNX export, built once per session; a producer's
+broker on a module's redis-server."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+@pytest.fixture
+def broker(redis):
+    """A producer's `Broker` on the module's own redis-server (its `redis` fixture), emptied first: a broker no
+    worker has ever used."""
+    from core.settings import Settings
+    from producer.batch import Broker
+
+    broker = Broker(redis.url, Settings())
+    broker.client.flushdb()
+    return broker
+
+
 def photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
     """A smooth, photo-like RGB test image (gradients plus a little texture)."""
     rng = np.random.default_rng(seed)
@@ -59,3 +72,41 @@ def tmpfs(tmp_path: Path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+@pytest.fixture
+def listener():
+    """A real HTTP server on a loopback port that answers any GET or HEAD with a small PNG, and records every
+    connection made to it: yields `(port, contacts)`. A test that must reach nothing asserts `contacts == []`."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    buffer = io.BytesIO()
+    photo(8, 8).save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.do_HEAD()
+            self.wfile.write(body)
+
+    contacts: list[tuple[str, int]] = []
+
+    class Recording(ThreadingHTTPServer):
+        def verify_request(self, request, client_address) -> bool:  # every connection, even one that sends nothing
+            contacts.append(client_address)
+            return True
+
+    server = Recording(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], contacts
+    server.shutdown()
+    server.server_close()

@@ -79,10 +79,13 @@ def test_edit_defaults_file_is_optional_and_checked(tmp_path):
     ("kwargs", "reason"),
     [
         ({"steps": 0}, "steps must be 1..1000"),
-        ({"guidance_scale": -1}, "guidance scales must be >= 0"),
+        ({"guidance_scale": -1}, "guidance_scale must be 0..100"),
+        ({"image_guidance_scale": 1e308}, "image_guidance_scale must be 0..100"),  # overflowed to NaN on a worker
+        ({"seed": 2**63}, "seed must be 0..9223372036854775807"),
+        ({"seed": 10**400}, "seed must be 0..9223372036854775807"),  # too large for a float: no OverflowError
         ({"scheduler": "plms"}, "unknown scheduler"),
         ({"max_side": 32}, "max_side must be 64"),
-        ({"seed": -1}, "seed must be in"),
+        ({"seed": -1}, "seed must be 0.."),
         ({"guidance_scale": float("inf")}, "guidance_scale must be finite"),
         ({"image_guidance_scale": float("nan")}, "image_guidance_scale must be finite"),
         ({"guidance_scale": "7"}, "guidance_scale must be a number"),
@@ -91,6 +94,7 @@ def test_edit_defaults_file_is_optional_and_checked(tmp_path):
         ({"seed": 1.5}, "seed must be an integer"),
         ({"max_side": 100.5}, "max_side must be an integer"),
         ({"scheduler": 5}, "scheduler must be a name"),
+        ({"metadata": "gps"}, "metadata must be one of all, no-gps, none"),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_field(kwargs, reason):
@@ -98,8 +102,8 @@ def test_bad_parameters_are_refused_naming_the_field(kwargs, reason):
         EditParams(**kwargs)
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "1e309"])
-def test_a_non_finite_guidance_on_the_command_line_is_refused_not_run(value, tmp_path):
+@pytest.mark.parametrize(("value", "reason"), [("inf", "0<=x<=100"), ("nan", "must be finite"), ("1e308", "0<=x<=100")])
+def test_a_non_finite_or_overflowing_guidance_on_the_command_line_is_refused_not_run(value, reason, tmp_path):
     from click.testing import CliRunner
 
     from producer.cli import itsd
@@ -107,7 +111,7 @@ def test_a_non_finite_guidance_on_the_command_line_is_refused_not_run(value, tmp
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     args = ["edit", str(tmp_path / "a.png"), "-m", str(tmp_path), "-i", "x", "-o", str(tmp_path / "out")]
     result = CliRunner().invoke(itsd, [*args, "--guidance-scale", value])
-    assert result.exit_code == 2 and "guidance_scale must be finite" in result.output, result.output
+    assert result.exit_code == 2 and reason in result.output and "guidance" in result.output, result.output
 
 
 def test_guidance_is_off_exactly_when_diffusers_turns_it_off():
@@ -146,8 +150,18 @@ def test_job_ids_change_with_anything_that_changes_the_output_or_where_it_goes()
         job_id_for("abc", "Cartoonize", EditParams(seed=1), "m2", "a.png"),
         job_id_for("abc", "Cartoonize", EditParams(seed=1), "m1", "copy/a.png"),  # the same bytes elsewhere
         job_id_for("abc", "Cartoonize", EditParams(seed=1, guidance_until=0.4), "m1", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=1, metadata="no-gps"), "m1", "a.png"),
+        job_id_for("abc", "Cartoonize", EditParams(seed=1, metadata="none"), "m1", "a.png"),
     }
-    assert len(others | {base}) == 7
+    assert len(others | {base}) == 9
+
+
+def test_a_job_that_keeps_the_photos_metadata_has_the_id_and_json_it_had_before_the_strip_options():
+    params = EditParams(seed=1)  # what every job was before --strip-gps and --strip-metadata
+    assert "metadata" not in params.to_dict() and EditParams.from_dict(params.to_dict()) == params
+    assert job_id_for("abc", "Cartoonize", params, "m1", "a.png") == "14e533b42737946064d995b6328eda19"
+    stripped = EditParams(seed=1, metadata="no-gps")
+    assert EditParams.from_dict(json.loads(json.dumps(stripped.to_dict()))) == stripped
 
 
 def test_settings_read_the_environment():
@@ -202,11 +216,11 @@ def test_inputs_mirror_folder_structure_and_accept_globs(tmp_path):
     for name in ["photos/2019/a.jpg", "photos/b.png", "photos/notes.txt", "photos/.hidden/c.png"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    folder = expand([str(tmp_path / "photos")])
+    folder, _ = expand([str(tmp_path / "photos")])
     assert sorted(str(i.relative) for i in folder) == ["2019/a.jpg", "b.png"]
-    globbed = expand([str(tmp_path / "photos" / "**" / "*.jpg")])
+    globbed, _ = expand([str(tmp_path / "photos" / "**" / "*.jpg")])
     assert [str(i.relative) for i in globbed] == ["2019/a.jpg"]
-    single = expand([str(tmp_path / "photos" / "b.png"), str(tmp_path / "photos" / "b.png")])
+    single, _ = expand([str(tmp_path / "photos" / "b.png"), str(tmp_path / "photos" / "b.png")])
     assert [str(i.relative) for i in single] == ["b.png"]
 
 

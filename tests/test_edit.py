@@ -16,6 +16,7 @@ from core.manifest import MANIFEST_NAME
 from core.params import EDIT_DEFAULTS_FILE, EditParams
 from producer.cli import itsd
 from tests.conftest import photo
+from tests.photos import caption, check_collection, photo_collection
 from worker.pipeline import OnnxEditPipeline
 
 
@@ -83,6 +84,23 @@ def test_itsd_edit_gives_an_output_its_inputs_alpha_and_colour_profile(tiny_arti
     with Image.open(tmp_path / "out" / "logo.png") as logo, Image.open(tmp_path / "out" / "photo.jpg") as photo:
         assert logo.mode == "RGBA" and logo.info["icc_profile"] == icc == photo.info["icc_profile"]
         assert np.array_equal(np.asarray(logo.getchannel("A")), np.asarray(rgba.getchannel("A")))
+
+
+def test_itsd_edit_gives_each_photo_back_its_capture_date_camera_and_location_and_grey_scans_stay_grey(
+    tiny_artifacts, tmp_path
+):
+    inputs = photo_collection(tmp_path / "in", photo(72, 56))
+    common = ["--model", tiny_artifacts, "-i", "Derain", "--steps", "1", "-q"]
+    result = run_edit(inputs, "--out", tmp_path / "out", *common)
+    assert result.exit_code == 0, result.output
+    check_collection(tmp_path / "out", (72, 56))
+    published = run_edit(inputs, "--out", tmp_path / "published", "--strip-gps", *common)
+    assert published.exit_code == 0, published.output
+    check_collection(tmp_path / "published", (72, 56), gps=False)
+    bare = run_edit(inputs / "a.jpg", "--out", tmp_path / "bare", "--strip-metadata", *common)
+    assert bare.exit_code == 0, bare.output
+    with Image.open(tmp_path / "bare" / "a.jpg") as image:
+        assert not image.getexif() and "xmp" not in image.info and caption(image) is None
 
 
 def test_a_corrupt_image_is_reported_and_the_rest_go_on(tiny_artifacts, photos, tmp_path):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import photo
-from fleet import itsd, submit, workers
+from fleet import itsd, photo_folder, submit, workers
+from photos import check_collection, photo_collection
 from PIL import Image
 
 from core.images import psnr
@@ -97,6 +98,41 @@ def test_fifty_images_match_itsd_edit_and_a_second_submit_recomputes_nothing(red
         assert np.array_equal(fleet, np.asarray(Image.open(tmp_path / "ref" / relative))), relative
 
 
+@pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
+def test_submit_fetches_no_url_the_workers_refuse_and_each_bad_input_fails_alone_by_line(
+    redis, tiny_artifacts, tmp_path, listener
+):
+    port, contacts = listener
+    photos(tmp_path / "in", 1)
+    refused = [f"ftp://127.0.0.1:{port}/b.png", f"http://127.0.0.1:{port}/c.png"]
+    manifest = tmp_path / "in" / "jobs.jsonl"
+    rows = [{"input": "set0/p000.png"}, {"input": refused[0]}, {"input": refused[1], "output": "c.png"}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    url = f"http://127.0.0.1:{port}/d.png"
+    env = {"ITSD_URL_SCHEMES": "file"}  # as the workers': local paths only
+    args = ["submit", str(manifest), url, "-i", "Cartoonize", "-m", "a", "-o", str(tmp_path / "out"), *STEPS]
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=env):
+        run = itsd(redis.url, *args, "--wait", env=env)
+        again = itsd(redis.url, *args, env=env)  # without --wait: the same batch, its refusals said at once
+        to_url = itsd(
+            redis.url, "submit", str(manifest), "-i", "x", "-m", "a", "-o", f"http://127.0.0.1:{port}/o", env=env
+        )
+    assert run.returncode == 1 and "1 done, 0 skipped (already there), 3 failed of 4" in run.stdout, run.stderr
+    assert "Traceback" not in run.stderr and "no such file" not in run.stderr
+    said = [
+        f"{manifest}:2: {refused[0]}: ftp://",
+        f"{manifest}:3: {refused[1]}: http://",
+        f"outside_roots: {url}: http://",  # the input named once
+    ]
+    for line in said:
+        assert f"{line} is not allowed (allowed: file; ITSD_URL_SCHEMES)" in run.stderr, run.stderr
+        assert f"{line} is not allowed" in again.stderr, again.stderr
+    assert again.returncode == 0 and "0 queued, 1 already done, 3 refused" in again.stdout
+    assert to_url.returncode == 2 and "http:// is not allowed" in to_url.stderr
+    assert (tmp_path / "out" / "set0" / "p000.png").is_file()
+    assert contacts == []
+
+
 def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 4)
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
@@ -106,6 +142,20 @@ def test_a_corrupt_image_fails_alone_with_its_reason(redis, tiny_artifacts, tmp_
     assert "4 done" in run.stdout and "1 failed" in run.stdout
     assert "invalid_image: cannot decode" in run.stderr
     assert len(list((tmp_path / "out").rglob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_fleet_jobs_give_each_photo_back_its_metadata_in_every_format_and_strip_gps_when_asked(
+    redis, tiny_artifacts, tmp_path
+):
+    inputs = photo_collection(tmp_path / "in", photo(64, 48))
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
+        kept = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", "--wait", *STEPS)
+        stripped = submit(redis.url, str(inputs), str(tmp_path / "pub"), "Derain", "--wait", "--strip-gps", *STEPS)
+    assert kept.returncode == 0 and "7 done" in kept.stdout, kept.stdout + kept.stderr
+    assert stripped.returncode == 0 and "7 done" in stripped.stdout, stripped.stdout + stripped.stderr
+    check_collection(tmp_path / "out", (64, 48))
+    check_collection(tmp_path / "pub", (64, 48), gps=False)
 
 
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
@@ -150,31 +200,109 @@ def test_a_model_that_fails_its_warm_up_is_not_served_and_a_worker_left_with_non
         assert alone.start().process.wait(timeout=120) == 1
         run = submit(redis.url, str(photos(tmp_path / "in", 1)), str(tmp_path / "out"), "Derain", "--wait", *STEPS)
         assert run.returncode == 0, run.stderr
-        refused = submit(redis.url, str(tmp_path / "in"), str(tmp_path / "out2"), "Derain", model="broken")
+        waiting = submit(redis.url, str(tmp_path / "in"), str(tmp_path / "out2"), "Derain", model="broken")
     finally:
         both.stop()
     assert "model broken failed its warm-up, so this worker does not serve it: " in both.log_tail(20000)
     assert "no model passed its warm-up: broken: " in alone.log_tail()
-    assert refused.returncode != 0 and "no worker has registered model 'broken'" in refused.stderr
     assert not client.hexists(Keys.models, "broken")
+    assert waiting.returncode == 0 and "1 queued" in waiting.stdout  # it waits for a worker that can run it
+    assert client.llen("itsd.broken") == 1
+    client.delete("itsd.broken")
 
 
 @pytest.mark.slow
-def test_a_job_whose_message_was_lost_is_sent_again_by_the_waiting_producer(redis, tiny_artifacts, tmp_path):
+def test_a_batch_submitted_before_any_worker_is_done_once_when_one_comes_and_a_resubmit_recomputes_nothing(
+    redis, tiny_artifacts, tmp_path
+):
+    from core.manifest import Manifest
+
+    inputs, out = photos(tmp_path / "in", 4), tmp_path / "out"
+    client = redis_client(redis.url)
+    first = submit(redis.url, str(inputs), str(out), "Cartoonize it", *STEPS, model="late")  # no worker, ever
+    assert first.returncode == 0 and "4 queued" in first.stdout, first.stderr
+    bid = batch_id(first.stdout)
+    assert client.llen("itsd.late") == 4 and "not pinned yet" in itsd(redis.url, "status", bid).stdout
+    with workers(redis, tmp_path, {"late": str(tiny_artifacts)}):
+        assert wait_done(client, bid, total=4)["done"] == 4
+        again = submit(redis.url, str(inputs), str(out), "Cartoonize it", "--wait", *STEPS, model="late")
+    assert again.returncode == 0 and "0 queued, 4 already done" in again.stdout and batch_id(again.stdout) == bid
+    model_id = Manifest.read(tiny_artifacts).model_id
+    summary = json.loads(itsd(redis.url, "status", bid, "--json").stdout)
+    assert summary["batch"]["model_id"] == model_id and summary["counts"]["done"] == 4
+    results = [json.loads(r) for r in client.hvals(Keys(bid).results)]
+    assert len(results) == 4 and {(r["status"], r["model_id"], r["attempts"]) for r in results} == {
+        ("done", model_id, 1)  # each job run once, by the model the batch is pinned to
+    }
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 4
+
+
+@pytest.mark.slow
+def test_a_model_replaced_under_its_name_never_mixes_with_the_batch_the_old_one_made(
+    redis, tiny_artifacts, second_artifacts, tmp_path
+):
+    from core.manifest import Manifest
+
+    old, new = (Manifest.read(a).model_id for a in (tiny_artifacts, second_artifacts))
+    inputs, out, client = (
+        photo_folder(tmp_path / "in", 2, (64, 48), broken=True),
+        tmp_path / "out",
+        redis_client(redis.url),
+    )
+
+    def run(*options: str) -> subprocess.CompletedProcess:
+        return submit(redis.url, str(inputs), str(out), "Cartoonize it", *options, *STEPS, model="swap")
+
+    with workers(redis, tmp_path, {"swap": str(tiny_artifacts)}):
+        made = run("--wait")  # broken.png fails; the batch is pinned to the old model
+    assert made.returncode == 1 and "2 done" in made.stdout
+    bid, before = batch_id(made.stdout), (out / "p0.png").read_bytes()
+    waiting = run()  # while no worker runs, the registry still names the old model: the failed job is queued
+    assert waiting.returncode == 0 and "1 queued, 2 already done" in waiting.stdout
+    with workers(redis, tmp_path, {"swap": str(second_artifacts)}):  # the new model, under the same name
+        wait_done(client, bid, total=3)
+        failures = [r for r in map(json.loads, client.hvals(Keys(bid).results)) if r["status"] == "failed"]
+        assert [f["error_type"] for f in failures] == ["model_mismatch"]
+        assert f"batch pinned to model swap {old}; this worker serves {new}" in failures[0]["error_message"]
+        refused = run()
+        assert refused.returncode == 1 and f"was made with model swap {old}, and its workers now serve {new}" in (
+            refused.stderr
+        )
+        redone = run("--overwrite", "--wait")
+    assert redone.returncode == 1 and "2 done" in redone.stdout and "invalid_image" in redone.stderr
+    done = [r for r in map(json.loads, client.hvals(Keys(bid).results)) if r["status"] == "done"]
+    assert (
+        len(done) == 2
+        and {r["model_id"] for r in done} == {new}
+        and client.hget(Keys(bid).batch, "model_id") == (new.encode())
+    )
+    assert (out / "p0.png").read_bytes() != before  # recomputed by the new model
+
+
+@pytest.mark.slow
+def test_jobs_whose_message_was_lost_or_stuck_with_no_holder_are_sent_again_by_the_waiting_producer(
+    redis, tiny_artifacts, tmp_path
+):
+    from core.holds import UNACKED, UNACKED_INDEX
     from core.settings import Settings
     from producer.batch import Broker
     from producer.submit import wait_for
 
-    inputs, client = photos(tmp_path / "in", 3), redis_client(redis.url)
+    inputs, client = photos(tmp_path / "in", 4), redis_client(redis.url)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        pass  # registers model a; no worker takes the jobs below until one is taken from the queue
+        pass  # registers model a; no worker takes the jobs below until two are taken from the queue
     run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Derain", *STEPS)
     assert run.returncode == 0, run.stderr
     assert client.rpop("itsd.a") is not None  # taken as BRPOP takes it, never recorded: Redis "stopped"
-    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        counts = wait_for(Broker(redis.url, Settings()), batch_id(run.stdout), quiet=True, stalled_after=2)
-    assert counts["done"] == 3 and len(list((tmp_path / "out").rglob("*.png"))) == 3
-    assert client.hget(Keys(batch_id(run.stdout)).batch, "requeued") == b"1"
+    stuck = client.rpop("itsd.a")  # recorded as taken ten minutes ago by a worker that lost it in a Redis kill
+    client.hset(UNACKED, "tag-stuck", json.dumps([json.loads(stuck), "itsd.a", "itsd.a"]))
+    client.zadd(UNACKED_INDEX, {"tag-stuck": time.time() - 600})  # well within the hour's visibility timeout
+    ttl = {"ITSD_CLAIM_TTL": "5"}  # a claim TTL of 5 s: the lost message is judged lost 5 s after it was sent
+    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}, env=ttl):
+        broker = Broker(redis.url, Settings(claim_ttl=5))
+        counts = wait_for(broker, batch_id(run.stdout), quiet=True, stalled_after=2, timeout=120)
+    assert counts["done"] == 4 and len(list((tmp_path / "out").rglob("*.png"))) == 4
+    assert client.hget(Keys(batch_id(run.stdout)).batch, "requeued") == b"1" and client.hlen(UNACKED) == 0
 
 
 def start_slow_job(redis, inputs: Path, out: Path, steps: int) -> tuple[str, str, int]:
@@ -192,9 +320,10 @@ def start_slow_job(redis, inputs: Path, out: Path, steps: int) -> tuple[str, str
     return bid, job_id, int(owner.decode().split(":")[-2])
 
 
-def wait_done(client, bid: str, timeout: float = 180) -> dict[str, int]:
+def wait_done(client, bid: str, timeout: float = 180, total: int = 0) -> dict[str, int]:
+    """The batch's counts once a job is done, or with `total`, once that many jobs are final."""
     deadline = time.monotonic() + timeout
-    while (counts := status_counts(client, Keys(bid)))["done"] < 1:
+    while (counts := status_counts(client, Keys(bid)))["done"] < 1 or sum(counts.values()) < total:
         assert time.monotonic() < deadline, counts
         time.sleep(0.5)
     return counts
@@ -214,18 +343,22 @@ def test_a_pool_child_killed_mid_job_still_ends_with_exactly_one_output(redis, t
 
 
 @pytest.mark.slow
-def test_a_whole_worker_killed_mid_job_loses_nothing(redis, tiny_artifacts, tmp_path):
+def test_a_worker_killed_with_its_process_group_hands_its_job_back_without_the_visibility_timeout(
+    redis, tiny_artifacts, tmp_path
+):
     inputs = photos(tmp_path / "in", 1, size=(256, 256))
     client = redis_client(redis.url)
-    env = {"ITSD_VISIBILITY_TIMEOUT": "6"}  # an abandoned job is handed out again after 6 s
     spec = {"a": str(tiny_artifacts)}
-    with workers(redis, tmp_path, spec, spec, env=env) as fleet:
+    with workers(redis, tmp_path, spec, spec) as fleet:  # default settings: an hour's visibility timeout
         bid, job_id, child = start_slow_job(redis, inputs, tmp_path / "out", steps=300)
         parent = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
         (running,) = [w for w in fleet if w.process.pid == parent]
-        running.kill()  # SIGKILL to the worker and its pool child: nothing acknowledges the job
-        assert wait_done(client, bid)["done"] == 1
+        (survivor,) = [w for w in fleet if w is not running]
+        running.kill()  # SIGKILL to the worker and its pool child, as the OOM killer does: nothing acknowledges
+        assert wait_done(client, bid)["done"] == 1  # the survivor's heartbeat hands the job back
     assert json.loads(client.hget(Keys(bid).results, job_id))["worker"] != f"{running.name}@{os.uname().nodename}"
+    assert int(client.hget(Keys(bid).attempts, job_id)) == 2  # the killed delivery, then the one that finished
+    assert "handed back 1 job(s) that a dead worker held" in survivor.log_tail(20000)
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["p000.png"]
 
 
@@ -295,19 +428,26 @@ def test_sigquit_hands_a_running_job_back_after_the_soft_shutdown_timeout(redis,
 
 
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
-def test_a_pickle_message_is_refused_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
+def test_a_pickle_message_is_refused_dead_lettered_with_its_reason_and_the_worker_goes_on(
+    redis, tiny_artifacts, tmp_path
+):
     from celery import Celery
 
     inputs = photos(tmp_path / "in", 1)
+    client = redis_client(redis.url)
     with workers(redis, tmp_path, {"a": str(tiny_artifacts)}) as (worker,):
         sender = Celery(broker=redis.url)
         sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
-        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle")
+        sender.send_task(TASK_NAME, args=[{"job_id": "pickled"}], queue="itsd.a", serializer="pickle", task_id="p1")
         run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", "--wait", *STEPS)
         assert run.returncode == 0 and "1 done" in run.stdout
+        assert worker.alive()
     assert "untrusted content of type pickle" in worker.log_path.read_text()
-    assert "pickled" not in json.dumps([json.loads(e) for e in redis_client(redis.url).lrange(Keys.dead, 0, -1)])
-    assert redis_client(redis.url).llen("itsd.a") == 0  # refused, not left to be delivered again
+    (dead,) = [d for d in (json.loads(e) for e in client.lrange(Keys.dead, 0, -1)) if d["job"].get("task_id") == "p1"]
+    assert dead["error_type"] == "schema" and dead["job"]["content_type"] == "application/x-python-serialize"
+    assert "message refused: Refusing to deserialize untrusted content of type pickle" in dead["error_message"]
+    assert dead["job"]["task"] == TASK_NAME and dead["worker"].startswith("w0@")
+    assert client.llen("itsd.a") == 0  # refused, not left to be delivered again
 
 
 def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes_on(redis, tiny_artifacts, tmp_path):
@@ -329,9 +469,7 @@ def test_queue_entries_that_are_no_message_are_dead_lettered_and_the_worker_goes
 @pytest.mark.slow  # a real fleet: in CI's full run, kept out of the inner loop
 def test_cancel_keeps_queued_jobs_from_running(redis, tiny_artifacts, tmp_path):
     inputs = photos(tmp_path / "in", 5)
-    with workers(redis, tmp_path, {"a": str(tiny_artifacts)}):
-        pass  # the model is registered; no worker runs while the batch is queued and cancelled
-    run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", *STEPS)
+    run = submit(redis.url, str(inputs), str(tmp_path / "out"), "Cartoonize", *STEPS)  # and no worker runs yet
     bid = batch_id(run.stdout)
     cancelled = itsd(redis.url, "cancel", bid)
     assert cancelled.returncode == 0 and "5 unfinished" in cancelled.stdout
@@ -425,6 +563,31 @@ def test_a_redis_restart_mid_batch_loses_no_result_and_the_batch_completes(redis
 
 
 @pytest.mark.slow
+def test_itsd_run_follows_the_symlink_rule_and_reads_a_file_uri_row_as_a_local_path(tiny_artifacts, tmp_path):
+    inputs, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    for folder in (inputs / "x", inputs / "y", inputs / ".store", elsewhere):
+        folder.mkdir(parents=True)
+    photo(64, 48, seed=0).save(inputs / "x" / "a.png")
+    photo(64, 48, seed=1).save(inputs / ".store" / "b.png")
+    photo(64, 48, seed=2).save(elsewhere / "c.png")
+    (inputs / "y" / "b.png").symlink_to(inputs / ".store" / "b.png")  # within the folder given: followed
+    (inputs / "y" / "out.png").symlink_to(elsewhere / "c.png")  # out of it: refused, as `itsd edit` refuses it
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"input": f"file://{elsewhere}/c.png"}) + "\n")  # no output column
+    out, model = tmp_path / "out", ["-m", str(tiny_artifacts)]
+    run = subprocess.run(
+        [*ITSD, "run", str(inputs), str(manifest), "-i", "Cartoonize", *model, "-o", str(out), *STEPS],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 1 and "3 done, 0 skipped (already there), 1 failed of 4" in run.stdout, run.stderr
+    assert (
+        f"outside_roots: {inputs / 'y' / 'out.png'}: a symlink to {elsewhere / 'c.png'}, outside {inputs}" in run.stderr
+    )
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == sorted(["x/a.png", "y/b.png", str(elsewhere / "c.png").lstrip("/")])
+
+
+@pytest.mark.slow
 def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts, tmp_path):
     model = ["-m", str(tiny_artifacts)]
     done = subprocess.Popen(
@@ -477,6 +640,32 @@ def test_itsd_run_leaves_no_process_behind_even_when_interrupted(tiny_artifacts,
     assert slow.wait(60) == 130
     assert "interrupted" in slow.stderr.read()
     assert still_running(seen) == []
+
+
+@pytest.mark.slow
+def test_itsd_run_names_a_worker_that_died_starts_another_and_finishes_the_batch(tiny_artifacts, tmp_path):
+    inputs, out = photos(tmp_path / "in", 12, size=(128, 128)), tmp_path / "out"
+    command = [*ITSD, "run", str(inputs), "-i", "Cartoonize", "-m", str(tiny_artifacts), "-o", str(out), "-q"]
+    run = subprocess.Popen(
+        [*command, "--workers", "2", "--steps", "20", "--seed", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while len(list(out.rglob("p*.png"))) < 2:  # both workers are busy by now
+        assert time.monotonic() < deadline and run.poll() is None, run.stderr.read() if run.poll() else ""
+        time.sleep(0.1)
+    children = [p for p, _ in descendants(run.pid) if _stat(str(p)) and _stat(str(p))[0] == run.pid]
+    (worker,) = [p for p in children if b"local0@" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.killpg(worker, signal.SIGKILL)  # the worker and its pool child, mid-job: the OOM killer's way
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    (line,) = [line for line in err.splitlines() if "died" in line]
+    assert line.startswith("worker local0 died (killed by SIGKILL; log ") and "started another" in line, err
+    Path(line.split("; log ")[1].split(")")[0]).unlink()  # the dead worker's log, kept for whoever reads the line
+    summary = json.loads((out / "itsd-run.json").read_text())
+    assert summary["counts"]["done"] == 12 and len(list(out.rglob("p*.png"))) == 12
 
 
 def _stat(pid: str) -> tuple[int, str, str] | None:
@@ -553,9 +742,7 @@ def test_the_demo_runs_the_bundled_model_exported_once_and_cached(tmp_path):
     assert len(images) == 15 and all(i["working_size"] == i["size"] == [64, 64] and i["tiles"] == 1 for i in images)
 
 
-def test_submit_wait_says_so_while_redis_is_down_and_carries_on_when_it_is_back(tmp_path, capsys):
-    import redis
-
+def test_submit_wait_says_within_seconds_that_redis_is_down_and_carries_on_when_it_is_back(tmp_path, capsys):
     from core.job import Result
     from core.records import record_result
     from core.settings import Settings
@@ -564,14 +751,12 @@ def test_submit_wait_says_so_while_redis_is_down_and_carries_on_when_it_is_back(
 
     with RedisServer(tmp_path, appendonly=True) as server:
         broker, keys = Broker(server.url, Settings()), Keys("b1")
-        # itsd's client rides out a minute of downtime on its own; one that gives up at once stands for a longer one
-        broker.client = redis.Redis.from_url(server.url, socket_connect_timeout=1)
         broker.client.hset(keys.batch, mapping={"total": 1})
         counts: dict[str, int] = {}
         waiting = threading.Thread(target=lambda: counts.update(wait_for(broker, "b1", quiet=True, poll=0.2)))
         waiting.start()
         time.sleep(0.5)
-        server.stop()  # down for a while, then back on the same port with its data
+        server.stop()  # down for two seconds (records' retries would hide it for a minute), then back with its data
         time.sleep(2.0)
         server.start()
         record_result(redis_client(server.url), keys, Result("j1", "done").to_dict(), 60)

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from core import edit
+from core.access import Access
 from core.edit import IMAGE_ONLY, NEITHER, TEXT_IMAGE, Tiling, generate, guidance_copies, plan, sample
 from core.images import psnr, to_model_input
 from core.params import EditParams
@@ -116,6 +117,6 @@ def test_guidance_until_is_an_edit_option_and_a_manifest_column(tiny_artifacts, 
     (tmp_path / "jobs.jsonl").write_text(
         '{"input": "a.png", "guidance_until": 0.25}\n{"input": "a.png", "output": "b.png", "guidance_until": 2}\n'
     )
-    sources, rejected = collect_sources([str(tmp_path / "jobs.jsonl")], "x", EditParams(guidance_until=0.5))
+    sources, rejected = collect_sources([str(tmp_path / "jobs.jsonl")], "x", EditParams(guidance_until=0.5), Access())
     assert [s.params.guidance_until for s in sources] == [0.25]
     assert len(rejected) == 1 and "guidance_until must be 0..1" in str(rejected[0].error)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from core.errors import ImageTooLarge, InputNotFound, InvalidImage
 from core.images import (
@@ -20,7 +21,9 @@ from core.images import (
     to_uint8,
     working_size,
 )
+from core.metadata import METADATA
 from tests.conftest import photo
+from tests.photos import CAPTION, INKS, LENS, MAKE, MODEL, TAKEN, caption, cmyk_profile, save_camera_photo
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
@@ -132,17 +135,16 @@ def icc_profile(space: str = "sRGB") -> bytes:
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "b.png", "c.webp", "d.tiff"])
-def test_an_output_keeps_its_sources_icc_profile_and_alpha_where_its_format_has_one_but_not_its_exif(name):
+def test_an_output_keeps_its_sources_icc_profile_and_alpha_where_its_format_has_one(name):
     rgba = photo(30, 20).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((30, 20)))
     exif = Image.Exif()
-    exif[0x0112], exif[0x010F] = 6, "a camera"  # rotate 90 degrees to display; the camera's make
+    exif[0x0112] = 6  # rotate 90 degrees to display
     source = decode_image(encoded(rgba, "PNG", icc_profile=icc_profile(), exif=exif))
     edited = Image.fromarray(255 - np.asarray(source))  # what an edit gives back: plain RGB, no metadata
     out = Image.open(io.BytesIO(encode_image(edited, name, source=source)))
     assert out.size == (20, 30) and out.info.get("icc_profile") == icc_profile()
-    tags = out.getexif()  # the orientation is applied; camera and location data stay with the original
-    assert 0x010F not in tags and tags.get(0x0112, 1) == 1
+    assert out.getexif().get(0x0112, 1) == 1  # the orientation is applied
     if name == "a.jpg":
         assert out.mode == "RGB"
     else:
@@ -151,6 +153,41 @@ def test_an_output_keeps_its_sources_icc_profile_and_alpha_where_its_format_has_
         assert np.array_equal(np.asarray(out.getchannel("A")), expected)
     plain = Image.open(io.BytesIO(encode_image(edited, name)))
     assert plain.mode == "RGB" and "icc_profile" not in plain.info
+
+
+def xmp_of(image: Image.Image) -> bytes:
+    return image.info.get("xmp") or b""
+
+
+@pytest.mark.parametrize("source_name", ["a.jpg", "b.png", "c.webp", "d.tiff"])
+@pytest.mark.parametrize("name", ["o.jpg", "o.png", "o.webp", "o.tiff"])
+def test_an_output_keeps_its_sources_exif_xmp_and_iptc_upright_and_without_the_thumbnail(tmp_path, source_name, name):
+    save_camera_photo(photo(30, 20), tmp_path / source_name)
+    source = read_image_file(tmp_path / source_name)
+    out = Image.open(io.BytesIO(encode_image(Image.fromarray(255 - np.asarray(source)), name, source=source)))
+    exif = out.getexif()
+    assert out.size == (20, 30) and exif[0x0112] == 1  # upright pixels, orientation 1
+    assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model]) == (MAKE, MODEL)
+    taken = exif.get_ifd(ExifTags.IFD.Exif)
+    assert (taken[ExifTags.Base.DateTimeOriginal], taken[ExifTags.Base.LensModel]) == (TAKEN, LENS)
+    assert exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] == "N"
+    assert not exif.get_ifd(ExifTags.IFD.IFD1)  # no thumbnail of the unedited photo
+    assert b"<dc:title>" in xmp_of(out) and b'tiff:Orientation="6"' not in xmp_of(out)
+    if name in ("o.jpg", "o.tiff") and source_name in ("a.jpg", "d.tiff"):  # the formats that carry IPTC
+        assert caption(out) == CAPTION
+
+
+@pytest.mark.parametrize("name", ["o.jpg", "o.png", "o.webp", "o.tiff"])
+def test_strip_gps_drops_only_the_location_and_strip_metadata_drops_it_all(tmp_path, name):
+    save_camera_photo(photo(30, 20), tmp_path / "a.jpg")
+    source = read_image_file(tmp_path / "a.jpg")
+    no_gps = Image.open(io.BytesIO(encode_image(source, name, source=source, keep="no-gps")))
+    assert not no_gps.getexif().get_ifd(ExifTags.IFD.GPSInfo) and b"GPS" not in xmp_of(no_gps)
+    assert no_gps.getexif()[ExifTags.Base.Make] == MAKE and b"<dc:title>" in xmp_of(no_gps)
+    nothing = Image.open(io.BytesIO(encode_image(source, name, source=source, keep="none")))
+    tags = nothing.getexif()  # a TIFF's own layout tags stay, of course
+    assert ExifTags.Base.Make not in tags and not tags.get_ifd(ExifTags.IFD.Exif) and not tags.get_ifd(0x8825)
+    assert not xmp_of(nothing) and caption(nothing) is None
 
 
 def test_a_profile_of_another_colour_space_than_rgb_is_not_put_on_the_rgb_output():
@@ -178,3 +215,73 @@ def test_a_float_image_in_0_to_1_is_read_by_its_range_not_as_black():
     grey = np.linspace(0.0, 1.0, 64 * 8, dtype=np.float32).reshape(8, 64)
     decoded = np.asarray(decode_image(encoded(Image.fromarray(grey), "TIFF")))
     assert decoded[..., 0].max() == 255 and abs(int(decoded[4, 32, 0]) - round(grey[4, 32] * 255)) <= 1
+
+
+def tinted(image: Image.Image) -> Image.Image:
+    """What a model gives back for a grey photo: RGB whose channels drift apart by up to 17 levels."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16) + np.array([9, -8, 3], dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "expected"),
+    [
+        ("L", "o.png", "L"),
+        ("L", "o.jpg", "L"),
+        ("L", "o.tiff", "L"),
+        ("LA", "o.png", "LA"),
+        ("LA", "o.jpg", "L"),
+        ("I;16", "o.png", "I;16"),
+        ("I;16", "o.tiff", "I;16"),
+        ("I;16", "o.jpg", "L"),  # JPEG has no 16-bit grey
+        ("I", "o.tiff", "I;16"),
+        ("P", "o.png", "L"),  # a palette of greys
+    ],
+)
+def test_a_grey_photo_comes_back_grey_in_its_own_mode_as_the_luminance_of_the_edit(mode, name, expected):
+    grey = photo(40, 30).convert("L")
+    if mode in ("I;16", "I"):
+        wide = np.asarray(grey, dtype=np.uint16) * 257
+        data = encoded(Image.fromarray(wide.astype(np.uint16 if mode == "I;16" else np.int32)), "TIFF")
+    elif mode == "LA":
+        data = encoded(Image.merge("LA", (grey, Image.linear_gradient("L").resize((40, 30)))))
+    else:
+        data = encoded(grey.convert(mode) if mode != "P" else grey.quantize(64))
+    source = decode_image(data)
+    edited = tinted(source)
+    out = Image.open(io.BytesIO(encode_image(edited, name, source=source)))
+    assert out.mode == expected
+    luma = np.asarray(edited, dtype=np.float64) @ [0.299, 0.587, 0.114]
+    values = np.asarray(out.getchannel(0) if expected == "LA" else out, dtype=np.float64)
+    values = values / 257 if expected == "I;16" else values
+    assert np.abs(values - luma).max() <= (8 if name == "o.jpg" else 0.51)
+
+
+def test_a_grey_photo_comes_back_as_equal_channels_in_webp_which_has_no_grey():
+    source = decode_image(encoded(photo(40, 30).convert("L")))
+    out = np.asarray(Image.open(io.BytesIO(encode_image(tinted(source), "o.webp", source=source))).convert("RGB"))
+    assert np.abs(out.astype(int) - out[..., :1]).max() <= 1
+
+
+def test_a_cmyk_jpeg_is_converted_through_its_own_profile_to_srgb():
+    inks = np.zeros((8, 32, 4), dtype=np.uint8)
+    for i in range(3):  # pure cyan, magenta, yellow: 8 columns each, then paper
+        inks[:, 8 * i : 8 * (i + 1), i] = 255
+    cmyk = Image.fromarray(inks, "CMYK")
+    out = decode_image(encoded(cmyk, "JPEG", icc_profile=cmyk_profile(), quality=100))
+    seen = np.asarray(out, dtype=np.int16)[4, 4:32:8]
+    assert np.abs(seen - np.array([*INKS.values(), (255, 255, 255)])).max() <= 20, seen
+    assert np.abs(seen[0] - np.asarray(cmyk.convert("RGB"))[4, 4]).max() > 60  # the naive cyan is (0, 255, 255)
+    written = Image.open(io.BytesIO(encode_image(out, "o.jpg", source=out)))
+    assert written.mode == "RGB" and written.info["icc_profile"][16:20] == b"RGB "
+    without = decode_image(encoded(cmyk, "JPEG", quality=100))  # no profile: the plain conversion, as before
+    assert np.abs(np.asarray(without, dtype=np.int16)[4, 4] - [0, 255, 255]).max() <= 3
+
+
+def test_xmp_too_long_for_a_jpeg_segment_is_left_out_and_the_rest_is_kept(tmp_path, caplog):
+    save_camera_photo(photo(30, 20), tmp_path / "a.png")
+    source = read_image_file(tmp_path / "a.png")
+    source.info[METADATA] = replace(source.info[METADATA], xmp=b"<x>" + b" " * 70_000 + b"</x>")
+    out = Image.open(io.BytesIO(encode_image(source, "o.jpg", source=source)))
+    assert out.getexif()[ExifTags.Base.Make] == MAKE and "xmp" not in out.info
+    assert "the source's xmp (70007 bytes) does not fit a JPEG segment; left out" in caplog.text

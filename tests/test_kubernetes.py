@@ -1,7 +1,8 @@
 """deploy/kubernetes, checked without a cluster: every manifest against Kubernetes' published schemas
 (kubernetes-validate, strict: an unknown field fails), and the promises between them (the autoscaler scales
 the worker Deployment on its model's queue, readiness is the warm-up, the grace period covers the soft
-shutdown). KEDA's kinds have no published schema in that package: they are checked field by field here."""
+shutdown, a fresh deploy with no worker takes a batch). KEDA's kinds have no published schema in that package:
+they are checked field by field here."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from fleet import photo_folder, submit
 
+from core.redis_url import redis_client
 from producer.cli import itsd
+from producer.local import RedisServer
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 KUBERNETES = "1.31.0"
@@ -81,6 +85,23 @@ def test_the_autoscaler_scales_the_worker_deployment_on_its_models_queue_down_to
     (auth,) = by_kind("TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert auth["spec"]["secretTargetRef"][0]["name"] == "itsd-redis"
+
+
+def test_a_fresh_deploy_with_no_worker_takes_a_batch_and_its_queue_wakes_the_autoscaler(tmp_path):
+    """From zero: no worker runs (replicas 0) and none has ever registered the model, yet a submit is queued
+    in the list KEDA reads, past its activation length, so KEDA starts the first worker."""
+    (scaled_object,) = by_kind("ScaledObject")
+    worker = {d["metadata"]["name"]: d for d in by_kind("Deployment")}[scaled_object["spec"]["scaleTargetRef"]["name"]]
+    args = worker["spec"]["template"]["spec"]["containers"][0]["args"]
+    model = args[args.index("--model") + 1].split("=", 1)[0]
+    (trigger,) = scaled_object["spec"]["triggers"]
+    assert worker["spec"]["replicas"] == 0 == scaled_object["spec"]["minReplicaCount"]
+    inputs = photo_folder(tmp_path / "in", 3, (32, 32))
+    with RedisServer() as redis:
+        run = submit(redis.url, inputs, tmp_path / "out", "Cartoonize the image", model=model)
+        waiting = redis_client(redis.url).llen(trigger["metadata"]["listName"])
+    assert run.returncode == 0 and "3 queued" in run.stdout, run.stderr
+    assert waiting == 3 > int(trigger["metadata"]["activationListLength"])
 
 
 def env_of(container: dict) -> dict[str, object]:

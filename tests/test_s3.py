@@ -18,6 +18,7 @@ import pytest
 from conftest import photo
 from fleet import submit, workers
 
+from core.access import Access
 from core.params import EditParams
 from core.records import Keys, status_counts
 from core.redis_url import redis_client
@@ -123,8 +124,8 @@ def reset_s3fs() -> None:
 def test_an_s3_prefix_lists_like_a_local_folder(s3, tmp_path):
     bucket("listing", 5, tmp_path / "local")
     reset_s3fs()
-    remote, rejected = collect_sources(["s3://listing/photos/"], "Derain", EditParams())
-    local, _ = collect_sources([str(tmp_path / "local")], "Derain", EditParams())
+    remote, rejected = collect_sources(["s3://listing/photos/"], "Derain", EditParams(), Access(schemes=("file", "s3")))
+    local, _ = collect_sources([str(tmp_path / "local")], "Derain", EditParams(), Access())
     assert not rejected and len(remote) == 5
     assert sorted(s.relative for s in remote) == sorted(s.relative for s in local)  # the same output keys
     assert all(s.uri.startswith("s3://listing/photos/set") for s in remote)

@@ -74,7 +74,7 @@ def make_job(tmp_path: Path, name: str = "a.png", data: bytes | None = None, **f
     source.parent.mkdir(parents=True, exist_ok=True)
     source.write_bytes(encode_image(photo(64, 64), name) if data is None else data)
     params = EditParams(steps=1, seed=0, max_side=64)
-    job_id = job_id_for(name, "invert", params, "model-1", name)
+    job_id = job_id_for(name, "invert", params, "m", name)
     return Job(
         job_id,
         "batch1",
@@ -83,7 +83,6 @@ def make_job(tmp_path: Path, name: str = "a.png", data: bytes | None = None, **f
         params,
         str(tmp_path / "out" / name),
         input_uri=str(source),
-        model_id="model-1",
         **fields,
     )
 
@@ -192,10 +191,21 @@ def test_a_corrupt_image_fails_permanently_with_its_reason(client, tmp_path):
     assert client.llen(Keys.dead) == 0  # permanent failures are not dead-lettered: nothing to retry
 
 
-def test_a_job_for_another_model_identity_is_refused(client, tmp_path):
-    job = Job.from_dict({**make_job(tmp_path).to_dict(), "model_id": "model-2"})
-    result = service(client, Invert()).handle(job.to_dict(), 0, "w")
-    assert result["error_type"] == "invalid_model" and "model-2" in result["error_message"]
+def test_a_job_pins_its_unpinned_batch_to_the_workers_model_and_its_result_records_the_identity(client, tmp_path):
+    client.hset(Keys("batch1").batch, "total", 1)  # submitted before any worker served the model: unpinned
+    result = service(client, Invert()).handle(make_job(tmp_path).to_dict(), 0, "w")
+    assert result["status"] == "done" and result["model_id"] == "model-1"
+    assert client.hget(Keys("batch1").batch, "model_id") == b"model-1"
+
+
+def test_a_job_of_a_batch_pinned_to_another_model_identity_fails_without_running(client, tmp_path):
+    client.hset(Keys("batch1").batch, mapping={"total": 1, "model_id": "model-2"})
+    job, model = make_job(tmp_path), Invert()
+    result = service(client, model).handle(job.to_dict(), 0, "w")
+    assert result["status"] == "failed" and result["error_type"] == "model_mismatch"
+    assert "batch pinned to model m model-2; this worker serves model-1" in result["error_message"]
+    assert model.calls == 0 and not Path(job.output_uri).exists() and result["model_id"] is None
+    assert client.hget(Keys("batch1").batch, "model_id") == b"model-2"  # the pin stays
 
 
 def test_transient_errors_are_raised_for_retry_then_dead_lettered_with_the_payload(client, tmp_path):
@@ -272,7 +282,7 @@ def test_a_payload_that_is_no_object_is_dead_lettered(client, payload):
         ({"input_uri": "/etc/hostname", "output_uri": None}, "outside this worker's input roots"),  # read back inline
         ({"output_uri": "{tmp}/../../etc/itsd-test.png"}, "outside this worker's output roots"),
         ({"output_uri": "{tmp}/link/itsd-test.png"}, "outside this worker's output roots"),  # a symlink out
-        ({"input_uri": "ftp://example.invalid/a.png"}, "ftp:// is not allowed on this worker"),
+        ({"input_uri": "ftp://example.invalid/a.png"}, "ftp:// is not allowed"),
         ({"input_uri": "in/a.png"}, "a relative path"),
     ],
 )

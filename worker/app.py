@@ -3,20 +3,23 @@ each pool process after the fork (ONNX Runtime sessions are not fork-safe), with
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_process_init
+from celery.signals import task_rejected, worker_init, worker_process_init
 
-from core.errors import TransientError
+from core.errors import SchemaError, TransientError
 from core.queue import TASK_NAME, celery_config
+from core.records import dead_letter
 from core.redis_url import redis_client
 from core.settings import Settings
 from worker.batching import HandedBack
 from worker.jobs import EditService, ModelSpec
 from worker.metrics import WorkerMetrics
+from worker.transport import RAW_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,23 @@ log = logging.getLogger(__name__)
 def backoff(retries: int) -> float:
     """Seconds before retry number `retries + 1`: 1, 2, 4, ... capped at a minute."""
     return float(min(60, 2**retries))
+
+
+def dead_letter_refused(sender: Any, message: Any, exc: BaseException | None, **_: Any) -> None:
+    """Celery's `task_rejected`: a message it refused before any task ran (content it does not accept, such as
+    pickle, or no task message at all) goes to the dead-letter list with the reason, as a malformed job does.
+    Its body is kept as base64, never decoded."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    job = {
+        "task_id": headers.get("id"),
+        "task": headers.get("task"),
+        "content_type": message.content_type,
+        "raw_base64": base64.b64encode(body[:RAW_LIMIT]).decode(),
+    }
+    reason = f"message refused: {exc}" if exc is not None else "message refused: not a task message"
+    dead_letter(redis_client(sender.app.conf.broker_url), job, SchemaError.code, reason, worker=sender.hostname)
+    log.error("dead-lettered a refused message (task id %s): %s", job["task_id"], reason)
 
 
 def make_app(
@@ -58,6 +78,8 @@ def make_app(
             raise retry from exc
         except HandedBack as exc:  # a batching worker's cold shutdown: the message goes back, unacknowledged
             raise Reject(str(exc), requeue=True) from exc
+
+    task_rejected.connect(dead_letter_refused, weak=False, dispatch_uid="itsd-dead-letter-refused")
 
     def load_models(**_: Any) -> None:
         service.warm_up()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,29 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from core.holds import HOST, owner_is_dead
 from core.records import Keys
 
 _LUA = Path(__file__).parent / "lua"
 _RENEW, _RELEASE, _STEAL = ((_LUA / f"claim_{name}.lua").read_text() for name in ("renew", "release", "steal"))
-HOST = socket.gethostname()
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True only when the owner ran on this host and its process is gone; unknown hosts count as alive."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        return False
-    return parts[0] == HOST and not process_alive(int(parts[1]))
 
 
 class Claim:

@@ -94,32 +94,37 @@ def edit(
     quiet: bool,
 ) -> None:
     """Edit IMAGE... (files, folders, globs) by INSTRUCTION. A bad image is reported and skipped;
-    the exit status is 1 if any image failed."""
+    the exit status is 1 if any image failed. A symlink is followed; what it names must lie under the folder
+    it was found in (a folder given, or a named file's own), else it is refused alone."""
     if not instruction.strip():
         raise click.BadParameter("the instruction is empty", param_hint="--instruction")
     settings = Settings.from_env()
-    inputs = expand(list(images))
-    if not inputs:
+    inputs, refused = expand(list(images))
+    for bad in refused:  # a symlink out of its folder: refused alone, as `itsd run` refuses it
+        click.echo(f"failed: {bad.message}", err=True)
+    if not inputs and not refused:
         raise click.ClickException(f"no images found in {' '.join(images)}")
     check_destination(inputs, out)
     skipped = [item for item in inputs if skip_existing and (out / item.relative).exists()]
     inputs = [item for item in inputs if item not in skipped]
     pipeline = load(model, backend, runtime, precision) if inputs else None
-    failures, start = 0, time.perf_counter()
+    failures, start = len(refused), time.perf_counter()
     progress = tqdm(inputs, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for item in progress:
         try:
             image = read_image_file(item.path, settings.max_pixels, settings.max_input_bytes)
             with TileProgress(item.relative.name, disable=quiet) as tiles:
                 result = edit_image(pipeline, image, instruction, params, Tiling(batch=tile_batch), tiles.update)
-            write_atomic(out / item.relative, encode_image(result.image, item.relative.name, source=image))
+            write_atomic(
+                out / item.relative, encode_image(result.image, item.relative.name, source=image, keep=params.metadata)
+            )
         except (ItsdError, OSError) as exc:  # OSError: the output could not be written
             failures += 1
             reason = exc if isinstance(exc, ItsdError) else f"cannot write output: {exc.strerror or exc}"
             progress.write(f"failed: {item.path}: {reason}", file=sys.stderr)
-    done = len(inputs) - failures
+    total = len(inputs) + len(refused)
     click.echo(
-        f"edited {done}/{len(inputs)} image(s) into {out} in {time.perf_counter() - start:.1f} s"
+        f"edited {total - failures}/{total} image(s) into {out} in {time.perf_counter() - start:.1f} s"
         + (f"; {len(skipped)} already done" if skipped else "")
         + (f"; {failures} failed" if failures else "")
     )

@@ -2,7 +2,8 @@
 bottom and tests can call it directly.
 
 For each delivery: count the attempt; a cancelled batch ends the job at once; otherwise take the job's
-claim (waiting while a live worker holds it), skip it if its output exists by then, read the input, edit,
+claim (waiting while a live worker holds it), skip it if its output exists by then, pin the batch to the
+model this worker serves (or refuse the job if the batch is pinned to another), read the input, edit,
 write the output atomically, and record a small JSON result in the batch. Permanent errors are
 recorded as failures; transient ones propagate for the task to retry, until the last attempt, which
 goes to the dead-letter list with its payload.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +25,7 @@ from core.errors import (
     InvalidImage,
     InvalidModel,
     ItsdError,
+    ModelMismatch,
     ModelUnavailable,
     OutOfMemory,
     OutsideRoots,
@@ -34,7 +35,7 @@ from core.errors import (
 )
 from core.images import decode_image, encode_image
 from core.job import Job, Result
-from core.records import Keys, record_result
+from core.records import Keys, dead_letter, pin_model, record_result
 from core.settings import Settings
 from core.storage import read_uri, uri_exists, write_uri
 from worker.batching import BatchedBackend, ThreadPool
@@ -160,8 +161,12 @@ class EditService:
             reason = self.unavailable[job.model]
             raise ModelUnavailable(f"model {job.model} failed its warm-up on this worker: {reason}")
         spec = self.models[job.model]
-        if job.model_id and job.model_id != spec.model_id:
-            raise InvalidModel(f"job was submitted for model {job.model_id}; this worker serves {spec.model_id}")
+        pinned = pin_model(self.client, keys, spec.model_id)
+        if pinned != spec.model_id:
+            raise ModelMismatch(
+                f"batch pinned to model {job.model} {pinned}; this worker serves {spec.model_id} under that name"
+                " (resubmit with --overwrite to recompute the batch with it)"
+            )
         watch = Stopwatch()
         data = self._read_input(job)
         watch.lap("read")
@@ -175,7 +180,7 @@ class EditService:
         for stage, seconds in getattr(backend, "timings", {}).items():
             watch.timings[f"edit.{stage}"] = round(seconds - before.get(stage, 0.0), 6)
         name = job.relative or (job.output_uri or "output.png").rsplit("/", 1)[-1]
-        encoded = encode_image(edit.image, name, source=image)
+        encoded = encode_image(edit.image, name, source=image, keep=job.params.metadata)
         watch.lap("encode")
         if job.output_uri is None:
             self.client.hset(keys.outputs, job.job_id, base64.b64encode(encoded))
@@ -195,6 +200,7 @@ class EditService:
             working_height=edit.working_size[1],
             tiles=edit.tiles,
             runtime=getattr(backend, "label", None),
+            model_id=spec.model_id,
             batched_jobs=backend.shared if isinstance(backend, BatchedBackend) else None,
             timings=watch.timings,
             finished_at=time.time(),
@@ -241,15 +247,7 @@ class EditService:
             self.metrics.attempt(model, outcome)
 
     def _dead_letter(self, payload: dict[str, Any], result: Result) -> None:
-        entry = {
-            "job": payload,
-            "error_type": result.error_type,
-            "error_message": result.error_message,
-            "attempts": result.attempts,
-            "worker": result.worker,
-            "at": time.time(),
-        }
-        self.client.lpush(Keys.dead, json.dumps(entry))
+        dead_letter(self.client, payload, result.error_type, result.error_message, result.attempts, result.worker)
 
     def _malformed(self, payload: dict[str, Any], exc: BaseException, worker: str) -> dict[str, Any]:
         job_id = str(payload.get("job_id", "?")) if isinstance(payload, dict) else "?"

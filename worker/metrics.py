@@ -22,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from core.holds import process_alive
 from core.job import Result
-from worker.claims import process_alive
 
 # seconds: a tiny model's job is milliseconds, an SD1.5 photo on a CPU is minutes
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))

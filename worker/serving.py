@@ -4,9 +4,10 @@ registers them and runs the Celery worker on their queues. `itsd worker` (worker
 from __future__ import annotations
 
 import logging
-import socket
 from contextlib import ExitStack
 from pathlib import Path
+
+from celery.utils.nodenames import default_nodename, host_format
 
 from core.edit import Backend, Tiling
 from core.errors import InvalidParameters, WarmUpFailed
@@ -20,6 +21,7 @@ from worker.runtimes import check_choice
 from worker.warmup import probe
 
 log = logging.getLogger(__name__)
+DEFAULT_HOSTNAME = "itsd@%h"  # --hostname's default: itsd@ and this host's name
 
 
 def parse_device(device: str) -> tuple[tuple[str, ...] | None, int]:
@@ -65,7 +67,9 @@ def serve(
     from worker.app import make_app
 
     settings = settings or Settings.from_env()
-    hostname = hostname or f"itsd-{socket.gethostname()}"
+    # expanded as Celery expands -n (%h, %n, %d; a bare name gets `celery@`), so `itsd workers` and the results
+    # (`itsd status`) name a worker alike
+    hostname = host_format(default_nodename(hostname or DEFAULT_HOSTNAME))
     missing = [kind for kind in ("input", "output") if not getattr(settings.access, f"{kind}_roots")]
     if missing:
         log.warning(
@@ -92,11 +96,12 @@ def serve(
         register(url, models, hostname)
         served = {name: {"model_id": spec.model_id, "runtime": labels.get(name)} for name, spec in models.items()}
         slots = {"concurrency": concurrency, "batch_jobs": settings.batch_jobs, "metrics_port": metrics_port}
-        stack.callback(WorkerRecord(url, hostname, {"models": served, "device": device, **slots}).start().close)
+        queues = [queue_for(name) for name in models]
+        record = WorkerRecord(url, hostname, {"models": served, "device": device, **slots}, queues, settings.claim_ttl)
+        stack.callback(record.start().close)
         app = make_app(url, settings, models, soft_shutdown_timeout, metrics)
-        queues = ",".join(queue_for(name) for name in models)
-        log.info("serving %s on %s from %s", ", ".join(models), queues, redact(url))
+        log.info("serving %s on %s from %s", ", ".join(models), ",".join(queues), redact(url))
         # --batch-jobs: that many jobs at once, as threads over one loaded model (the pool is worker_pool, set
         # by make_app: the -P option takes only Celery's own names), their UNet calls batched
         concurrency = settings.batch_jobs if settings.batch_jobs > 1 else concurrency
-        app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "-l", loglevel])
+        app.worker_main(["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-n", hostname, "-l", loglevel])

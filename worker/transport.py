@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 
-from core.records import Keys
+from core.errors import SchemaError
+from core.records import dead_letter
 
 log = logging.getLogger(__name__)
 RAW_LIMIT = 2000  # characters of a bad entry kept in its dead letter
@@ -44,16 +44,9 @@ class Channel(kombu_redis.Channel):
     def _dead_letter(self, exc: BaseException, raw: Any = None) -> None:
         text = getattr(exc, "doc", None) if raw is None else json.dumps(raw)
         reason = f"not JSON: {exc}" if hasattr(exc, "doc") else f"JSON, but no message envelope ({exc!r})"
-        entry = {
-            "job": {"raw": None if text is None else str(text)[:RAW_LIMIT]},
-            "error_type": "schema",
-            "error_message": f"queue entry is not a message: {reason}",
-            "attempts": 0,
-            "worker": None,
-            "at": time.time(),
-        }
+        job = {"raw": None if text is None else str(text)[:RAW_LIMIT]}
         with self.conn_or_acquire() as client:
-            client.lpush(Keys.dead, json.dumps(entry))
+            dead_letter(client, job, SchemaError.code, f"queue entry is not a message: {reason}")
         log.error("dead-lettered a queue entry that is not a message: %s", reason)
 
 

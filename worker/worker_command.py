@@ -68,7 +68,12 @@ def _root_option(kind: str, what: str) -> Callable[[Callable[..., Any]], Callabl
     show_default=True,
     help="Pool processes, each with its own sessions (one per GPU is usual).",
 )
-@click.option("--hostname", "-n", help="Worker name shown in results and Flower. [default: itsd-HOST]")
+@click.option(
+    "--hostname",
+    "-n",
+    help="Worker name shown in results, `itsd workers` and Flower; %h (host), %n (its first label) and %d (its "
+    "domain) expand as in Celery. [default: itsd@%h]",
+)
 @click.option(
     "--soft-shutdown-timeout",
     type=click.FloatRange(0),
