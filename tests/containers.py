@@ -164,9 +164,8 @@ class CpuFleet:
 
     def status(self, batch: str) -> dict:
         """`itsd status BATCH --json`, from a producer container."""
-        producer = self.producer("status", batch, "--json")
-        out, _ = producer.communicate(timeout=120)
-        return json.loads(out.decode().strip().splitlines()[-1])
+        out = self.compose("run", "--rm", "-T", "producer", "status", batch, "--json")
+        return json.loads(out[out.index("{") :])  # after compose's own lines, if it writes them there
 
     def redis(self, *command: str) -> str:
         """A redis-cli COMMAND in the Redis container (the password through its environment)."""
