@@ -144,6 +144,7 @@ class CpuFleet:
             "ITSD_QUEUE_METRICS_PORT": str(self.metrics_port),
             "ITSD_REDIS_IMAGE": "itsd-base:bookworm",
             "ITSD_VISIBILITY_TIMEOUT": "20",  # a killed worker's job is handed out again after 20 s
+            "ITSD_RUNTIME": "auto",  # OpenVINO in the CPU image (not the test session's onnxruntime default)
             "ITSD_PRECISION": "fp32",  # no bf16/int8 probe at load: minutes on 2 shared cores (test_runtimes has it)
         }
         self.files = ["-f", str(REPO / "compose.cpu.yaml"), "-f", str(self.override)]

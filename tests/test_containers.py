@@ -68,6 +68,8 @@ def test_three_container_workers_finish_a_batch_exactly_once_through_a_killed_wo
         assert status["counts"] == {"done": 30, "skipped": 0, "failed": 0, "cancelled": 0}, status
         recorded = fleet.redis("HVALS", Keys(batch).by_worker)  # jobs each worker recorded done
         assert sum(map(int, recorded.split())) == 30, recorded  # each job once, none computed twice
+        results = [json.loads(line) for line in fleet.redis("HVALS", Keys(batch).results).splitlines()]
+        assert {r["runtime"].split()[0] for r in results} == {"openvino"}  # the CPU image's runtime
         files = outputs(out)
         assert sorted(f.name for f in files) == sorted(f"p{i}.png" for i in range(30))
         for f in files:  # the host's user owns the outputs and can read them
