@@ -1,5 +1,6 @@
-"""compose.yaml, checked by Debian's docker-compose (`config` validates against the Compose schema and
-resolves variables without a Docker engine), and the worker image's promises."""
+"""compose.yaml and compose.cpu.yaml, checked by Debian's docker-compose (`config` validates against the Compose
+schema and resolves variables without a Docker engine), and the worker image's promises. The CPU fleet really
+runs in tests/test_containers.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def compose_config(**env: str) -> subprocess.CompletedProcess:
+def compose_config(file: str = "compose.yaml", **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["docker-compose", "-f", str(REPO / "compose.yaml"), "config"],
+        ["docker-compose", "-f", str(REPO / file), "config"],
         env={k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "ITSD_"))} | env,
         capture_output=True,
         text=True,
@@ -51,8 +52,42 @@ def test_compose_refuses_to_start_without_a_redis_password_or_a_flower_password(
     assert run.returncode != 0 and "set FLOWER_PASSWORD" in run.stderr
 
 
-def test_the_worker_image_installs_the_gpu_extra_and_no_torch():
+def test_the_cpu_compose_file_runs_every_service_from_images_built_here_without_a_gpu():
+    run = compose_config("compose.cpu.yaml", REDIS_PASSWORD="s3cret", FLOWER_PASSWORD="fl0wer", ITSD_UID="1234")
+    assert run.returncode == 0, run.stderr
+    services = yaml.safe_load(run.stdout)["services"]
+    assert set(services) == {"redis", "worker", "flower", "metrics", "producer"}
+    gpu = yaml.safe_load(compose_config(REDIS_PASSWORD="s3cret", FLOWER_PASSWORD="fl0wer").stdout)["services"]
+    assert services["redis"] == gpu["redis"]  # the same Redis: password, append-only, no eviction, its volume
+    worker = services["worker"]
+    assert "deploy" not in worker and worker["command"][-2:] == ["--device", "cpu"]
+    assert worker["build"]["args"] == {
+        "BASE": "python:3.11-slim-bookworm",
+        "EXTRAS": "worker,openvino,s3",
+        "PACKAGES": "flower",
+    }
+    for name in ("worker", "flower", "metrics", "producer"):
+        assert services[name]["image"] == "itsd-worker-cpu:latest" and services[name]["user"] == "1234:1000"
+    assert (
+        services["flower"]["entrypoint"] == ["celery"]
+        and services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "itsd:fl0wer"
+    )
+    assert worker["environment"]["ITSD_BROKER_URL"] == "redis://:s3cret@redis:6379/0"
+    assert "container_name" not in worker and "ports" not in worker  # so `--scale worker=N` works
+
+
+def test_scripts_images_builds_the_cpu_image_compose_cpu_yaml_builds():
+    script = (REPO / "scripts" / "images").read_text()
+    worker = yaml.safe_load((REPO / "compose.cpu.yaml").read_text())["services"]["worker"]
+    (cpu,) = [line for line in script.splitlines() if line.strip().startswith("cpu) flavour=")]
+    assert f"-t {worker['image']}" in cpu and worker["build"]["dockerfile"] == "docker/worker.Dockerfile"
+    assert all(f"--build-arg {k}={v}" in cpu for k, v in worker["build"]["args"].items() if k != "BASE")
+
+
+def test_the_worker_image_defaults_to_cuda_and_the_gpu_extra_installs_no_torch_and_runs_as_uid_1000():
     dockerfile = (REPO / "docker" / "worker.Dockerfile").read_text()
-    install = next(line for line in dockerfile.splitlines() if line.startswith("RUN pip install"))
-    assert '".[gpu,s3]"' in install and "! pip show torch" in install
-    assert 'ENTRYPOINT ["itsd"]' in dockerfile
+    assert "ARG BASE=nvidia/cuda:" in dockerfile and "ARG EXTRAS=gpu,s3" in dockerfile
+    install = dockerfile[dockerfile.index('RUN python3 -m venv "$VIRTUAL_ENV"') :]
+    assert '".[$EXTRAS]"' in install and 'pip" check' in install and '! "$VIRTUAL_ENV/bin/pip" show torch' in install
+    assert "${NO_INDEX:+--no-index}" in install  # offline: the wheelhouse only
+    assert 'ENTRYPOINT ["itsd"]' in dockerfile and "\nUSER 1000\n" in dockerfile

@@ -145,3 +145,23 @@ def test_redis_keeps_an_append_only_file_on_a_volume_with_a_password_and_no_evic
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
     assert '--requirepass "$REDIS_PASSWORD"' in command and "--dir /data" in command
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == container["volumeMounts"][0]["name"]
+
+
+def test_the_pods_run_the_images_the_dockerfile_and_compose_build_on_their_ports_as_its_user():
+    repo = DEPLOY.parent.parent
+    dockerfile = (repo / "docker" / "worker.Dockerfile").read_text()
+    compose = yaml.safe_load((repo / "compose.yaml").read_text())["services"]
+    (image,) = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["images"]
+    assert f"{image['name']}:{image['newTag']}" == compose["worker"]["image"]  # what scripts/images build gpu tags
+    deployments = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in by_kind("Deployment")}
+    for pod in deployments.values():
+        (container,) = pod["containers"]
+        assert container["image"] == image["name"]
+        assert pod["securityContext"]["runAsUser"] == 1000 and "\nUSER 1000\n" in dockerfile
+    worker = deployments["itsd-worker-cartoon"]["containers"][0]
+    assert f"ITSD_CACHE_DIR={env_of(worker)['ITSD_CACHE_DIR']}" in dockerfile  # the image's cache, on a volume
+    assert env_of(worker)["ITSD_METRICS_PORT"] == compose["worker"]["environment"]["ITSD_METRICS_PORT"]
+    metrics = deployments["itsd-metrics"]["containers"][0]
+    assert metrics["args"] == compose["metrics"]["command"] and metrics["ports"][0]["containerPort"] == 9809
+    (redis,) = by_kind("StatefulSet")
+    assert redis["spec"]["template"]["spec"]["containers"][0]["image"] == compose["redis"]["image"]
