@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -125,8 +126,11 @@ def metrics(port: int, host: str, batches: int, broker: Broker) -> None:
     registry.register(QueueCollector(client, batches))
     server, _ = start_http_server(port, host, registry=registry)
     click.echo(f"queue metrics on http://{host}:{server.server_address[1]}/metrics", err=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.shutdown()
+    # handlers of its own: as a container's PID 1 it gets no default action for SIGTERM, so a stop would wait
+    # out its grace period and kill it
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
+    server.shutdown()

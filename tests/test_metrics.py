@@ -4,11 +4,13 @@ pool processes, and `itsd metrics`, the queue exporter (producer/metrics.py), ag
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from fleet import photo_folder, submit, workers
@@ -117,6 +119,25 @@ def test_the_queue_exporter_counts_waiting_reserved_and_running_jobs_per_model(r
     assert found[("itsd_jobs_running", ())] == 1
     assert found[("itsd_batch_total", (("batch", batch),))] == 4
     assert found[("itsd_batch_jobs", (("batch", batch), ("status", "done")))] == 0
+
+
+def test_the_queue_exporter_as_pid_1_stops_on_sigterm_as_a_container_stop_sends_it(redis):
+    # PID 1 of a pid namespace, as in a container (`docker stop`, a pod's termination): the kernel gives it no
+    # default action for SIGTERM, so it stops only if it handles the signal itself
+    port = free_port()
+    own_user = [] if os.getuid() == 0 else ["--user", "--map-root-user"]
+    exporter = subprocess.Popen(
+        ["unshare", *own_user, "--pid", "--fork", *ITSD, "metrics", "--port", str(port), "--host", "127.0.0.1"],
+        env={**os.environ, "ITSD_BROKER_URL": redis.url},
+    )
+    try:
+        assert scrape_when_up(port)[0] == 200
+        children = Path(f"/proc/{exporter.pid}/task/{exporter.pid}/children").read_text()
+        (pid_1,) = (int(p) for p in children.split())  # unshare's child: PID 1 of its namespace
+        os.kill(pid_1, signal.SIGTERM)
+        assert exporter.wait(20) == 0
+    finally:
+        exporter.kill()
 
 
 def scrape_when_up(port: int, path: str = "/metrics", timeout: float = 30) -> tuple[int, str]:
